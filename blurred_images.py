@@ -1,0 +1,194 @@
+"""Blur every image of a dataset tree into a mirror tree (the blurred inputs of Deblurring MAE).
+
+    python blurred_images.py --src_dir /path/to/dataset_orig/ --dst_dir /path/to/dataset_blurred/ \\
+        --method gaussian --sigma 1.1
+
+Every image below ``--src_dir`` (any depth) is read, turned grey (``--keep_channels`` keeps colour),
+blurred with util.blur and written under ``--dst_dir`` at the same relative path and file name, in
+the same format: PNG stays lossless PNG, JPEG is re-encoded at quality 95, TIFF/BMP/WebP keep their
+format, 16-bit PNG/TIFF stay 16-bit. Non-image files (``.DS_Store``, ``Thumbs.db``, text, hidden
+files) are ignored, and folders named by ``--exclude`` (e.g. ``--exclude masks``) are not entered.
+
+DICOM (``.dcm``) files are written as PNG: ``scan.dcm`` becomes ``scan.png``; each frame of a
+multi-frame DICOM becomes its own file, ``scan_f000.png``, ``scan_f001.png``, ... (three digits, more
+when a file has over 1000 frames).
+
+Work is spread over ``--workers`` processes (default: all cores) with a progress bar. Outputs that
+already exist are skipped, so an interrupted run resumes where it stopped; ``--overwrite`` redoes
+them. Writes are atomic (temporary file + rename), so an interruption never leaves a half-written
+image behind. A file that cannot be read is reported by name and skipped; the run ends with a summary
+and exits with status 1 if any file failed (2 for a usage error such as a destination inside the
+source tree).
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+from dataclasses import dataclass, field
+
+import cv2
+from tqdm import tqdm
+
+from util.blur import BlurSpec, add_blur_arguments, blur_key, blur_spec_from_args
+from util.image_io import (UnreadableImageError, image_frames, is_dicom_file, list_images, read_frames,
+                           to_grey, write_image_atomic)
+
+
+class UsageError(Exception):
+    """A mistake in the command line (paths), reported without a traceback."""
+
+
+@dataclass(frozen=True)
+class FileTask:
+    """Everything a worker process needs to blur one source file."""
+
+    src_dir: str
+    dst_dir: str
+    relative_path: str
+    spec: BlurSpec
+    keep_channels: bool
+    overwrite: bool
+
+
+@dataclass
+class FileResult:
+    relative_path: str
+    written: int = 0
+    skipped: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Summary:
+    written: int = 0
+    skipped: int = 0
+    failed: list[str] = field(default_factory=list)
+
+    def add(self, result: FileResult) -> None:
+        self.written += result.written
+        self.skipped += result.skipped
+        if result.error is not None:
+            self.failed.append(result.relative_path)
+
+    def __str__(self) -> str:
+        return f"written {self.written}, skipped {self.skipped} (already there), failed {len(self.failed)}"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Image Blurring", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src_dir", required=True, help="dataset tree to blur (read only)")
+    parser.add_argument("--dst_dir", required=True, help="where the blurred tree is written (outside src_dir)")
+    add_blur_arguments(parser)
+    parser.add_argument("--keep_channels", action="store_true",
+                        help="keep colour images in colour (default: grey output, as published)")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="FOLDER",
+                        help="folder names not to enter, at any depth (e.g. masks)")
+    parser.add_argument("--workers", type=int, default=_available_cores(),
+                        help="worker processes (default: all cores available to this process)")
+    parser.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
+    return parser
+
+
+def output_paths(relative_path: str, frames: int) -> list[str]:
+    """Relative output path(s) for a source file; DICOM becomes PNG, one file per frame."""
+    if not is_dicom_file(relative_path):
+        return [relative_path]
+    stem = os.path.splitext(relative_path)[0]
+    if frames == 1:
+        return [f"{stem}.png"]
+    digits = max(3, len(str(frames - 1)))
+    return [f"{stem}_f{index:0{digits}d}.png" for index in range(frames)]
+
+
+def blur_file(task: FileTask) -> FileResult:
+    """Blur one source file (every frame of it); never raises, failures come back in the result."""
+    result = FileResult(task.relative_path)
+    source = os.path.join(task.src_dir, task.relative_path)
+    try:
+        frames = image_frames(source)
+        destinations = [os.path.join(task.dst_dir, rel) for rel in output_paths(task.relative_path, frames)]
+        pending = [f for f, dst in enumerate(destinations) if task.overwrite or not os.path.exists(dst)]
+        result.skipped = frames - len(pending)
+        for frame, img in read_frames(source, pending):
+            if not task.keep_channels:
+                img = to_grey(img)
+            key = blur_key(task.relative_path, frame if frames > 1 else None)
+            write_image_atomic(destinations[frame], task.spec.apply(img, key=key))
+            result.written += 1
+    except UnreadableImageError as exc:
+        result.error = str(exc)
+    except Exception as exc:  # noqa: BLE001 - one bad file (or a full disk) must not hide the others
+        result.error = f"{source}: {type(exc).__name__}: {exc}"
+    return result
+
+
+def main(args: argparse.Namespace) -> Summary:
+    """Blur the tree; returns the summary. Raises UsageError for bad paths."""
+    src_dir, dst_dir = _checked_dirs(args.src_dir, args.dst_dir)
+    spec = blur_spec_from_args(args)
+    relative_paths = list_images(src_dir, exclude=args.exclude)
+    if not relative_paths:
+        raise UsageError(f"no images found under {src_dir} (looked for .png .jpg .jpeg .bmp .tif .tiff "
+                         ".webp .dcm at any depth); check --src_dir and --exclude")
+    tasks = [FileTask(src_dir, dst_dir, rel, spec, args.keep_channels, args.overwrite) for rel in relative_paths]
+    print(f"Blurring {len(tasks)} files from {src_dir} into {dst_dir} with {spec.describe()} blur")
+
+    summary = Summary()
+    with tqdm(total=len(tasks), unit="file", desc="blurring", dynamic_ncols=True) as progress:
+        for result in _run(tasks, args.workers):
+            summary.add(result)
+            if result.error is not None:
+                tqdm.write(f"FAILED {result.error}", file=sys.stderr)
+            progress.update()
+    print(f"Done: {summary}.")
+    if summary.failed:
+        print(f"{len(summary.failed)} file(s) could not be blurred (reasons above): "
+              + ", ".join(summary.failed[:10]) + (" ..." if len(summary.failed) > 10 else ""), file=sys.stderr)
+    return summary
+
+
+def _run(tasks: list[FileTask], workers: int):
+    """Yield results, in-process for one worker, otherwise from a process pool (any order)."""
+    if workers <= 1 or len(tasks) == 1:
+        yield from map(blur_file, tasks)
+        return
+    workers = min(workers, len(tasks))
+    # Several files per message keep the pickling overhead small; small enough to keep the bar moving.
+    chunk = max(1, min(16, len(tasks) // (workers * 8)))
+    with multiprocessing.Pool(workers, initializer=_init_worker) as pool:
+        yield from pool.imap_unordered(blur_file, tasks, chunksize=chunk)
+
+
+def _init_worker() -> None:
+    # Each process handles whole images; OpenCV's own threads would only oversubscribe the cores.
+    cv2.setNumThreads(1)
+
+
+def _checked_dirs(src_dir: str, dst_dir: str) -> tuple[str, str]:
+    src = os.path.realpath(src_dir)
+    dst = os.path.realpath(dst_dir)
+    if not os.path.isdir(src):
+        raise UsageError(f"--src_dir {src_dir} does not exist or is not a folder")
+    if dst == src or os.path.commonpath([src, dst]) == src:
+        raise UsageError(f"--dst_dir {dst_dir} is the source folder or inside it ({src}); blurred images "
+                         f"would mix with the originals. Choose a destination outside it, e.g. {src}_blurred")
+    return src, dst
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # honours CPU limits set by a scheduler (Slurm, taskset)
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+if __name__ == "__main__":
+    parsed = get_args_parser().parse_args()
+    try:
+        outcome = main(parsed)
+    except (UsageError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(1 if outcome.failed else 0)
