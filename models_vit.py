@@ -100,7 +100,9 @@ def build_convvit_encoder(module: nn.Module, in_chans: int, embed_dims: Sequence
     """Attach the ConvViT encoder to ``module`` under the published top-level names
     (``patch_embed1..4``, ``blocks1..3``, ``norm``); shared by pretraining and fine-tuning models."""
     d1, d2, d3 = embed_dims
-    dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # stochastic depth decay rule
+    total = sum(depths)
+    # stochastic depth grows linearly with depth (plain Python so meta-device construction works)
+    dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
     module.patch_embed1 = ConvPatchEmbed(in_chans, d1, CONVVIT_STRIDES[0])
     module.patch_embed2 = ConvPatchEmbed(d1, d2, CONVVIT_STRIDES[1])
     module.patch_embed3 = ConvPatchEmbed(d2, d3, CONVVIT_STRIDES[2])
