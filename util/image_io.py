@@ -75,22 +75,27 @@ def list_images(root: str | os.PathLike, exclude: Iterable[str] = ()) -> list[st
     """Sorted relative POSIX paths of all images below ``root``, at any depth.
 
     Folders whose name is in ``exclude`` (e.g. ``masks``) and hidden folders are not entered.
-    Symbolic links to folders are followed (datasets are often assembled from links), each real
-    folder once, so a link cycle cannot make the walk endless.
+    Symbolic links to folders are followed (datasets are often assembled from links), except a link
+    back to a folder above it, which would make the walk endless.
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder {root} does not exist or is not a folder; check the path")
     excluded = set(exclude)
-    seen_folders: set[str] = set()
+    # For each folder still to visit, the real paths of it and its ancestors (to detect link cycles).
+    ancestry = {root: frozenset({os.path.realpath(root)})}
     found: list[str] = []
     for folder, subfolders, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen_folders:
-            subfolders[:] = []
-            continue
-        seen_folders.add(real)
-        subfolders[:] = [d for d in subfolders if d not in excluded and not d.startswith(".")]
+        chain = ancestry.pop(folder)
+        entered = []
+        for name in subfolders:
+            path = os.path.join(folder, name)
+            real = os.path.realpath(path)
+            if name in excluded or name.startswith(".") or real in chain:
+                continue
+            ancestry[path] = chain | {real}
+            entered.append(name)
+        subfolders[:] = entered
         relative_folder = os.path.relpath(folder, root)
         for name in files:
             if is_image_file(name):
@@ -274,20 +279,23 @@ def _dicom_frame(ds, path: str, frame: int) -> np.ndarray:
         return _to_unsigned_integer(pixels, bits=16 if pixels.dtype.itemsize > 1 else 8, signed=False)
     bits = int(ds.get("BitsStored", pixels.dtype.itemsize * 8))
     signed = int(ds.get("PixelRepresentation", 0)) == 1
-    pixels = _to_unsigned_integer(pixels, bits, signed)
-    if photometric == "MONOCHROME1":
-        pixels = np.iinfo(pixels.dtype).max - pixels
-    return pixels
+    return _to_unsigned_integer(pixels, bits, signed, invert=photometric == "MONOCHROME1")
 
 
-def _to_unsigned_integer(pixels: np.ndarray, bits: int, signed: bool) -> np.ndarray:
-    """Map stored DICOM values onto uint8 / uint16 as the module docstring explains."""
+def _to_unsigned_integer(pixels: np.ndarray, bits: int, signed: bool, invert: bool = False) -> np.ndarray:
+    """Map stored DICOM values onto uint8 / uint16 as the module docstring explains.
+
+    ``invert`` (MONOCHROME1) flips the values within the stored range, before the scaling shift.
+    """
     if pixels.dtype.kind == "f" or bits > 16:
-        return _stretch_to_uint16(pixels)
+        stretched = _stretch_to_uint16(pixels)
+        return 65535 - stretched if invert else stretched
     values = pixels.astype(np.int64)
     if signed:
         values += 1 << (bits - 1)
     values = np.clip(values, 0, (1 << bits) - 1)
+    if invert:
+        values = (1 << bits) - 1 - values
     target_bits = 8 if bits <= 8 else 16
     values <<= target_bits - bits
     return values.astype(np.uint8 if target_bits == 8 else np.uint16)

@@ -1,0 +1,276 @@
+"""util/image_io.py: file listing, decoding rules, grey conversion, atomic writes, DICOM."""
+import os
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from util.image_io import (FrameIndexError, UnreadableImageError, image_frames, is_image_file, list_images,
+                           read_frames, read_image, to_grey, write_image_atomic)
+
+RNG = np.random.default_rng(0)
+
+
+def random_image(shape, dtype=np.uint8):
+    return RNG.integers(0, np.iinfo(dtype).max + 1, shape, dtype=dtype)
+
+
+def touch(path, data=b""):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+def test_is_image_file_accepts_image_extensions_in_any_case():
+    for name in ["a.png", "b.JPG", "c.jpeg", "d.Bmp", "e.tif", "f.TIFF", "g.webp", "h.DCM", "dir/i.png"]:
+        assert is_image_file(name), name
+
+
+def test_is_image_file_rejects_system_hidden_and_other_files():
+    for name in [".DS_Store", "Thumbs.db", "desktop.ini", ".hidden.png", "notes.txt", "labels.csv", "png", "x.gif"]:
+        assert not is_image_file(name), name
+
+
+def test_list_images_walks_any_depth_sorted_posix_and_honours_exclude(tmp_path):
+    for rel in ["z.png", "a/b.jpg", "a/b/c.tif", "a/b/c/d.dcm", "masks/m.png", "a/masks/m.png",
+                ".cache/x.png", "a/readme.txt", "a/.DS_Store", "a/Thumbs.db"]:
+        touch(tmp_path / rel)
+    assert list_images(tmp_path, exclude=["masks"]) == ["a/b.jpg", "a/b/c.tif", "a/b/c/d.dcm", "z.png"]
+    assert "masks/m.png" in list_images(tmp_path)
+
+
+def test_list_images_follows_folder_links_without_looping(tmp_path):
+    touch(tmp_path / "real" / "x.png")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    os.symlink(tmp_path, tmp_path / "real" / "cycle")  # a cycle back to the root
+    found = list_images(tmp_path)
+    assert "real/x.png" in found and "link/x.png" in found
+    assert len(found) == 2
+
+
+def test_list_images_missing_folder_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        list_images(tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def test_grey_and_rgb_png_round_trip_in_rgb_order(tmp_path):
+    grey, rgb = random_image((20, 30)), random_image((20, 30, 3))
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    assert np.array_equal(read_image(tmp_path / "g.png"), grey)
+    out = read_image(tmp_path / "c.png")
+    assert out.dtype == np.uint8 and np.array_equal(out, rgb)  # RGB, not OpenCV's BGR
+
+
+def test_alpha_is_dropped_and_palette_becomes_rgb(tmp_path):
+    rgba = random_image((20, 30, 4))
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    assert np.array_equal(read_image(tmp_path / "rgba.png"), rgba[:, :, :3])
+
+    la = random_image((20, 30, 2))
+    Image.fromarray(la).save(tmp_path / "la.png")
+    assert np.array_equal(read_image(tmp_path / "la.png"), la[:, :, 0])
+
+    palette = Image.fromarray(random_image((20, 30, 3))).convert("P")
+    palette.save(tmp_path / "p.png")
+    assert np.array_equal(read_image(tmp_path / "p.png"), np.asarray(palette.convert("RGB")))
+
+
+@pytest.mark.parametrize("extension", [".png", ".tif"])
+def test_16bit_grey_and_colour_stay_16bit(tmp_path, extension):
+    grey, bgr = random_image((20, 30), np.uint16), random_image((20, 30, 3), np.uint16)
+    cv2.imwrite(str(tmp_path / f"g{extension}"), grey)
+    cv2.imwrite(str(tmp_path / f"c{extension}"), bgr)
+    out_grey, out_colour = read_image(tmp_path / f"g{extension}"), read_image(tmp_path / f"c{extension}")
+    assert out_grey.dtype == np.uint16 and np.array_equal(out_grey, grey)
+    assert out_colour.dtype == np.uint16 and np.array_equal(out_colour, bgr[:, :, ::-1])
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, :10] = 255  # bright band on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(img).save(tmp_path / "o.jpg", exif=exif, quality=100)
+    out = read_image(tmp_path / "o.jpg")
+    assert out.shape == (40, 20, 3)
+    assert out[:10].mean() > 200 and out[-10:].mean() < 50  # the left band is now on top
+
+
+def corrupt_files(folder):
+    """Zero-byte, truncated and random-bytes files next to a good one; returns their paths."""
+    good = folder / "good.png"
+    Image.fromarray(random_image((64, 64, 3))).save(good)
+    data = good.read_bytes()
+    files = {"empty.png": b"", "truncated.png": data[: len(data) // 2],
+             "random.png": RNG.bytes(2000), "random.dcm": RNG.bytes(2000), "truncated.jpg": None}
+    jpeg = folder / "full.jpg"
+    Image.fromarray(random_image((64, 64, 3))).save(jpeg, quality=90)
+    files["truncated.jpg"] = jpeg.read_bytes()[:-600]
+    jpeg.unlink()
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return [folder / name for name in files]
+
+
+def test_corrupt_files_raise_unreadable_image_error_naming_the_file(tmp_path):
+    for path in corrupt_files(tmp_path):
+        with pytest.raises(UnreadableImageError) as info:
+            read_image(path)
+        assert str(path) in str(info.value) and "re-export" in str(info.value)
+        assert info.value.path == str(path)
+
+
+def test_empty_file_message_says_empty(tmp_path):
+    touch(tmp_path / "e.png")
+    with pytest.raises(UnreadableImageError, match="empty"):
+        read_image(tmp_path / "e.png")
+
+
+def test_frame_out_of_range_is_a_caller_error(tmp_path):
+    Image.fromarray(random_image((8, 8))).save(tmp_path / "g.png")
+    assert image_frames(tmp_path / "g.png") == 1
+    with pytest.raises(FrameIndexError):
+        read_image(tmp_path / "g.png", frame=1)
+
+
+# ----------------------------------------------------------------------------- grey conversion
+
+
+def test_to_grey_matches_opencv_grey_read_of_colour_png(tmp_path):
+    # Every 8-bit RGB colour once (4096 x 4096 would be slow to write; a random subset of 1M colours
+    # plus the extremes covers the truncation behaviour).
+    rgb = random_image((1000, 1000, 3))
+    rgb[0, :8] = [[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255], [1, 2, 3], [254, 254, 253], [7, 7, 7]]
+    cv2.imwrite(str(tmp_path / "c.png"), rgb[:, :, ::-1])
+    expected = cv2.imread(str(tmp_path / "c.png"), cv2.IMREAD_GRAYSCALE)
+    assert np.array_equal(to_grey(read_image(tmp_path / "c.png")), expected)
+    # cvtColor rounds differently, so the match above is not a tautology.
+    assert not np.array_equal(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), expected)
+
+
+def test_to_grey_matches_opencv_for_16bit_and_rgba_png(tmp_path):
+    bgr16 = random_image((64, 64, 3), np.uint16)
+    cv2.imwrite(str(tmp_path / "c16.png"), bgr16)
+    expected = cv2.imread(str(tmp_path / "c16.png"), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
+    grey = to_grey(read_image(tmp_path / "c16.png"))
+    assert grey.dtype == np.uint16 and np.array_equal(grey, expected)
+
+    Image.fromarray(random_image((64, 64, 4))).save(tmp_path / "rgba.png")
+    expected = cv2.imread(str(tmp_path / "rgba.png"), cv2.IMREAD_GRAYSCALE)
+    assert np.array_equal(to_grey(read_image(tmp_path / "rgba.png")), expected)
+
+
+def test_to_grey_keeps_grey_and_squeezes_one_channel():
+    grey = random_image((5, 6))
+    assert to_grey(grey) is grey
+    assert np.array_equal(to_grey(grey[:, :, None]), grey)
+    assert np.array_equal(to_grey(np.stack([grey] * 3, axis=2)), grey)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@pytest.mark.parametrize("shape,dtype,extension", [
+    ((20, 30), np.uint8, ".png"), ((20, 30, 3), np.uint8, ".png"), ((20, 30), np.uint16, ".png"),
+    ((20, 30, 3), np.uint16, ".png"), ((20, 30), np.uint16, ".tif"), ((20, 30, 3), np.uint8, ".bmp"),
+])
+def test_write_image_atomic_is_lossless_for_lossless_formats(tmp_path, shape, dtype, extension):
+    img = random_image(shape, dtype)
+    path = tmp_path / "sub" / f"out{extension}"
+    write_image_atomic(path, img)
+    back = read_image(path)
+    assert back.dtype == dtype and np.array_equal(back, img)
+    assert os.listdir(path.parent) == [path.name]  # no temporary file left behind
+
+
+def test_write_image_atomic_jpeg_keeps_format_and_refuses_16bit(tmp_path):
+    write_image_atomic(tmp_path / "x.jpg", random_image((16, 16)))
+    assert (tmp_path / "x.jpg").read_bytes()[:2] == b"\xff\xd8"  # JPEG, not PNG, despite any default
+    with pytest.raises(ValueError, match="16-bit"):
+        write_image_atomic(tmp_path / "y.jpg", random_image((16, 16), np.uint16))
+
+
+def test_write_image_atomic_replaces_existing_file(tmp_path):
+    path = tmp_path / "x.png"
+    write_image_atomic(path, np.zeros((4, 4), np.uint8))
+    write_image_atomic(path, np.full((4, 4), 9, np.uint8))
+    assert read_image(path).max() == 9
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+
+def bundled_dicom(name):
+    """A DICOM file shipped inside the pydicom package; never downloads."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"{name} is not bundled with this pydicom installation (it would need a download)")
+    return path
+
+
+def test_multiframe_ybr_ultrasound_cine_reads_as_rgb_frames():
+    path = bundled_dicom("examples_ybr_color.dcm")
+    assert image_frames(path) == 30
+    first, last = read_image(path, 0), read_image(path, 29)
+    assert first.shape == last.shape == (240, 320, 3) and first.dtype == np.uint8
+    # An ultrasound frame is mostly grey: after YBR -> RGB the channels nearly agree, whereas raw YBR
+    # data would differ by ~50 grey levels (chroma planes sit at 128).
+    channel_spread = np.abs(first.astype(int) - first.mean(axis=2, keepdims=True)).mean()
+    assert channel_spread < 3
+    frames = dict(read_frames(path, [0, 29]))
+    assert np.array_equal(frames[0], first) and np.array_equal(frames[29], last)
+    with pytest.raises(FrameIndexError):
+        read_image(path, 30)
+
+
+def test_rgb_and_jpeg2000_examples_show_the_same_picture():
+    rgb = read_image(bundled_dicom("examples_rgb_color.dcm"))
+    jpeg2000 = read_image(bundled_dicom("examples_jpeg2k.dcm"))  # YBR_RCT, needs a JPEG 2000 decoder
+    assert rgb.shape == (240, 320, 3) and jpeg2000.shape == (480, 640, 3)
+    assert image_frames(bundled_dicom("examples_rgb_color.dcm")) == 1
+    half = cv2.resize(jpeg2000, (320, 240), interpolation=cv2.INTER_AREA)
+    assert np.abs(half.astype(int) - rgb).mean() < 4  # same image, same colour order
+
+
+def write_dicom(path, pixels, photometric, bits_stored):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.set_pixel_data(pixels, photometric, bits_stored)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_dicom_8bit_grey_is_returned_unchanged(tmp_path):
+    pixels = random_image((10, 12))
+    write_dicom(tmp_path / "g.dcm", pixels, "MONOCHROME2", 8)
+    out = read_image(tmp_path / "g.dcm")
+    assert out.dtype == np.uint8 and np.array_equal(out, pixels)
+
+
+def test_dicom_12bit_monochrome1_is_inverted_and_scaled_to_16_bits(tmp_path):
+    pixels = np.array([[0, 1, 2048, 4095]], np.uint16)
+    write_dicom(tmp_path / "m1.dcm", pixels, "MONOCHROME1", 12)
+    out = read_image(tmp_path / "m1.dcm")
+    assert out.dtype == np.uint16
+    assert out.tolist() == [[4095 << 4, 4094 << 4, 2047 << 4, 0]]
+
+
+def test_dicom_signed_values_are_shifted_without_loss(tmp_path):
+    pixels = np.array([[-32768, -1, 0, 32767]], np.int16)
+    write_dicom(tmp_path / "s.dcm", pixels, "MONOCHROME2", 16)
+    assert read_image(tmp_path / "s.dcm").tolist() == [[0, 32767, 32768, 65535]]
