@@ -141,7 +141,7 @@ def test_our_checkpoint_is_weights_only_loadable(tmp_path):
                      "scaler": None, "args": {"model": "dmae_vit_tiny_patch16", "lr": 1e-3}}, path)
     loaded = torch.load(path, weights_only=True)
     assert loaded["epoch"] == 0 and loaded["args"]["lr"] == 1e-3
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+    assert os.listdir(tmp_path) == ["checkpoint-0.pth"]  # no temp file left behind
 
 
 def test_module_prefix_and_plain_state_dict(tmp_path):

@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -32,6 +31,7 @@ import torch
 import torch.nn as nn
 from timm.models._manipulate import adapt_input_conv
 
+from util.fileio import atomic_save
 from util.pos_embed import resample_pos_embed
 
 # Classes the published checkpoints pickle besides tensors and builtins.
@@ -82,19 +82,7 @@ def load_checkpoint_file(path: Union[str, os.PathLike], map_location="cpu") -> d
 
 def save_checkpoint(obj: dict, path: Union[str, os.PathLike]) -> None:
     """Write atomically: a crash mid-write leaves the previous file intact, never a partial one."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_save(obj, path)
 
 
 def extract_state_dict(ckpt: Mapping, source: str = "checkpoint") -> Dict[str, torch.Tensor]:
