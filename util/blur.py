@@ -129,26 +129,23 @@ def motion_angle(seed: int, key: str) -> float:
 
 
 def motion_kernel(length: int, angle_degrees: float) -> np.ndarray:
-    """Normalised kernel of a ``length``-pixel line through the centre, anti-aliased.
+    """Normalised kernel of a ``length``-pixel line through the centre, at ``angle_degrees``
+    counter-clockwise from horizontal.
 
-    The kernel is square with an odd side (``length`` rounded up to odd) so the line stays centred.
-    Points sampled densely along the line are spread bilinearly onto the grid.
+    The kernel is square with an odd side (``length`` rounded up to odd) so the line stays centred;
+    an even length puts half-weight pixels at both ends. A horizontal line is rotated with bilinear
+    interpolation, which anti-aliases oblique lines.
     """
     size = length if length % 2 == 1 else length + 1
-    centre = (size - 1) / 2
-    half = (length - 1) / 2
-    steps = np.linspace(-half, half, max(1, 8 * length))
-    angle = np.deg2rad(angle_degrees)
-    xs = centre + steps * np.cos(angle)
-    ys = centre - steps * np.sin(angle)  # image rows grow downwards
-    kernel = np.zeros((size, size), np.float64)
-    x0, y0 = np.floor(xs).astype(int), np.floor(ys).astype(int)
-    fx, fy = xs - x0, ys - y0
-    for dy, dx, weight in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)),
-                           (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
-        rows, cols = np.clip(y0 + dy, 0, size - 1), np.clip(x0 + dx, 0, size - 1)
-        np.add.at(kernel, (rows, cols), weight)
-    return (kernel / kernel.sum()).astype(np.float32)
+    centre = size // 2
+    horizontal = np.zeros((size, size), np.float32)
+    horizontal[centre, :] = 1.0
+    if length % 2 == 0:
+        horizontal[centre, [0, -1]] = 0.5
+    rotation = cv2.getRotationMatrix2D((float(centre), float(centre)), angle_degrees, 1.0)
+    kernel = cv2.warpAffine(horizontal, rotation, (size, size), flags=cv2.INTER_LINEAR,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return kernel / kernel.sum()
 
 
 def disk_kernel(radius: int) -> np.ndarray:
