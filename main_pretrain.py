@@ -1,0 +1,511 @@
+"""Pretraining: MAE, Deblurring MAE, ConvMAE and Deblurring ConvMAE, on one device or under torchrun.
+
+    torchrun --nproc_per_node=8 main_pretrain.py --model dmae_vit_base_patch16 \
+        --output /path/to/weights --data_path_blurred /data/blurred --data_path_orig /data/orig --batch_size 32
+
+Data modes (see util/datasets.py): paired blurred/original trees (published), ``--blur METHOD`` to
+blur the originals on the fly, or vanilla models reading ``--data_path_blurred`` only.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+import warnings
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from models_mae import LOSS_REGIONS, is_deblurring_model
+from util import distributed as du
+from util.blur import add_blur_arguments, blur_spec_from_args
+from util.checkpoint import CheckpointError, load_checkpoint_file, load_weights, save_checkpoint
+from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, DatasetError, PretrainDataset, collate_skip_bad,
+                           dataset_mean_std, split_folder)
+from util.fileio import atomic_write_text
+from util.lr_decay import param_groups
+from util.lr_sched import adjust_learning_rate, effective_lr
+from util.registry import pretrain_models
+from util.visualize import panels_to_grid, reconstruction_panels, save_grid_png
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("Deblurring MIM pretraining", add_help=True)
+    p.add_argument("--model", default="dmae_vit_base_patch16", type=str,
+                   help="pretraining model; see README for the list (wrong names list the valid ones)")
+    p.add_argument("--batch_size", default=64, type=int, help="images per GPU per iteration")
+    p.add_argument("--epochs", default=800, type=int)
+    p.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
+    p.add_argument("--input_size", default=224, type=int, nargs="+",
+                   help="input size: one number (square) or H W; divisible by the patch size")
+    p.add_argument("--in_chans", default=3, type=int, choices=(1, 3),
+                   help="1 trains on grey images with the dataset's mean/std; 3 (default) uses "
+                        "ImageNet normalisation, as the published checkpoints")
+    p.add_argument("--mask_ratio", default=0.75, type=float)
+    p.add_argument("--norm_pix_loss", action="store_true", help="normalise each target patch")
+    p.add_argument("--loss_on", default=None, choices=LOSS_REGIONS,
+                   help="masked patches or all patches (default: all for d* models, masked otherwise)")
+    # optimisation
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * eff. batch / 256)")
+    p.add_argument("--blr", type=float, default=1.5e-4)
+    p.add_argument("--min_lr", type=float, default=0.0)
+    p.add_argument("--warmup_epochs", type=float, default=40)
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
+                   help="mixed precision (auto: bf16 on GPUs that support it, fp16 on older ones, none on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--max_nonfinite", type=int, default=20,
+                   help="stop after this many consecutive steps with a non-finite loss")
+    # data
+    p.add_argument("--data_path_blurred", default="", type=str,
+                   help="blurred tree (deblurring models) or the images (vanilla models)")
+    p.add_argument("--data_path_orig", default="", type=str, help="original (sharp) tree")
+    add_blur_arguments(p, prefix="blur_", method_flag="--blur", default_method=None)
+    p.add_argument("--num_train", type=int, default=-1, help="use this many training images (-1: all)")
+    p.add_argument("--strict_data", action="store_true", help="stop at an unreadable image instead of skipping it")
+    p.add_argument("--data_mean", type=float, nargs="+", default=None)
+    p.add_argument("--data_std", type=float, nargs="+", default=None)
+    p.add_argument("--compute_stats", action="store_true",
+                   help="compute the normalisation mean/std from the training images (default with --in_chans 1)")
+    p.add_argument("--num_workers", default=10, type=int)
+    p.add_argument("--pin_mem", action="store_true", default=True)
+    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    # outputs
+    p.add_argument("--output_dir", "--output", default="./output_dir", type=str)
+    p.add_argument("--log_dir", default=None, type=str, help="TensorBoard folder (default: output_dir)")
+    p.add_argument("--save_freq", default=10, type=int, help="save checkpoint-{epoch}.pth every N epochs")
+    p.add_argument("--keep_last", default=0, type=int, help="keep only the N newest numbered checkpoints (0: all)")
+    p.add_argument("--eval_freq", default=10, type=int, help="validation loss + figure every N epochs")
+    p.add_argument("--print_freq", default=20, type=int, help="log every N iterations")
+    p.add_argument("--resume", default="", help="checkpoint to resume from")
+    p.add_argument("--auto_resume", action="store_true", help="resume from output_dir/checkpoint-last.pth if present")
+    p.add_argument("--start_epoch", default=0, type=int)
+    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--max_steps_per_epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests/benchmarks
+    # accepted for compatibility with the published launch lines; torchrun's environment is used
+    p.add_argument("--world_size", default=1, type=int, help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", "--local-rank", default=-1, type=int, help=argparse.SUPPRESS)
+    p.add_argument("--dist_on_itp", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--dist_url", default="env://", help=argparse.SUPPRESS)
+    return p
+
+
+# ------------------------------------------------------------------------------ set-up
+def input_hw(args):
+    size = args.input_size
+    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+
+
+def resolve_data_mode(args):
+    """(input root, original root or None, BlurSpec or None) from the data flags; clear errors."""
+    blur = blur_spec_from_args(args, prefix="blur_")
+    deblurring = is_deblurring_model(args.model)
+    if blur is not None:
+        source = args.data_path_orig or args.data_path_blurred
+        if not source:
+            raise SystemExit("--blur needs the original images: pass --data_path_orig /path/to/dataset_orig")
+        if args.data_path_orig and args.data_path_blurred and args.data_path_blurred != args.data_path_orig:
+            warnings.warn("--blur makes the blurred input on the fly: --data_path_blurred is ignored")
+        return source, None, blur
+    if not args.data_path_blurred:
+        raise SystemExit("pass --data_path_blurred (the images; for deblurring models the blurred copy "
+                         "made by blurred_images.py) or --blur METHOD with --data_path_orig")
+    if deblurring:
+        if not args.data_path_orig:
+            raise SystemExit(f"{args.model} reconstructs the sharp image: pass --data_path_orig (the "
+                             "original tree) or blur on the fly with --blur gaussian")
+        if os.path.realpath(args.data_path_orig) == os.path.realpath(args.data_path_blurred):
+            warnings.warn("--data_path_blurred and --data_path_orig are the same folder: the model will "
+                          "learn plain reconstruction, not deblurring")
+        return args.data_path_blurred, args.data_path_orig, None
+    return args.data_path_blurred, None, None
+
+
+def build_datasets(args):
+    root, orig, blur = resolve_data_mode(args)
+    common = dict(blur=blur, input_size=input_hw(args), in_chans=args.in_chans, strict=args.strict_data)
+    splits = {}
+    for split in ("train", "val"):
+        folder = split_folder(root, split)
+        orig_folder = split_folder(orig, split) if orig else None
+        if folder is None or (orig and orig_folder is None):
+            splits[split] = None
+            continue
+        splits[split] = PretrainDataset(folder, orig_root=orig_folder, train=split == "train",
+                                        num_samples=args.num_train if split == "train" and args.num_train > 0 else None,
+                                        seed=args.seed, **common)
+    if splits["train"] is None:
+        raise SystemExit(f"no training images: {root} has neither a train/ folder nor images")
+    return splits["train"], splits["val"]
+
+
+def normalisation(args, train_set):
+    if args.data_mean is not None and args.data_std is not None:
+        mean, std = args.data_mean, args.data_std
+    elif args.in_chans == 1 or args.compute_stats:
+        mean, std = dataset_mean_std(train_set, seed=args.seed)
+        print(f"dataset mean {', '.join(f'{m:.4f}' for m in mean)}, std {', '.join(f'{s:.4f}' for s in std)}")
+    else:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if len(mean) != args.in_chans or len(std) != args.in_chans:
+        raise SystemExit(f"--data_mean/--data_std need {args.in_chans} values each")
+    return [float(m) for m in mean], [float(s) for s in std]
+
+
+def make_loader(dataset, args, train: bool):
+    sampler = DistributedSampler(dataset, num_replicas=du.get_world_size(), rank=du.get_rank(),
+                                 shuffle=train, seed=args.seed, drop_last=False)
+    generator = torch.Generator().manual_seed(args.seed + du.get_rank())
+    return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+                      pin_memory=args.pin_mem and str(args.device).startswith("cuda"), drop_last=train,
+                      collate_fn=collate_skip_bad, persistent_workers=args.num_workers > 0,
+                      generator=generator)
+
+
+def amp_dtype(args):
+    device = str(args.device)
+    if args.amp == "none" or (args.amp == "auto" and not device.startswith("cuda")):
+        return None
+    if args.amp == "fp16":
+        return torch.float16
+    if args.amp == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def build_optimizer(model, args):
+    groups = param_groups(model, args.weight_decay)
+    # fused AdamW (CUDA and CPU): one kernel per step, and it can skip a step on the device
+    fused = str(args.device).split(":")[0] in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=fused)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def checkpoint_state(model, optimizer, scaler, epoch, args):
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))},
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+
+
+def save_epoch_checkpoint(state, epoch, args, numbered: bool):
+    """checkpoint-last.pth always; checkpoint-{epoch}.pth when ``numbered``; both atomic."""
+    out = args.output_dir
+    save_checkpoint(state, os.path.join(out, "checkpoint-last.pth"))
+    if numbered:
+        save_checkpoint(state, os.path.join(out, f"checkpoint-{epoch}.pth"))
+        prune_checkpoints(out, args.keep_last)
+
+
+def prune_checkpoints(out_dir, keep_last):
+    """Delete the oldest numbered checkpoints beyond ``keep_last``: only regular files of ours."""
+    if keep_last <= 0:
+        return
+    numbered = []
+    for path in glob.glob(os.path.join(out_dir, "checkpoint-*.pth")):
+        match = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(path))
+        if match and os.path.isfile(path) and not os.path.islink(path):
+            numbered.append((int(match.group(1)), path))
+    for _, path in sorted(numbered)[:-keep_last]:
+        os.remove(path)
+
+
+def resume_path(args):
+    if args.resume:
+        return args.resume
+    last = os.path.join(args.output_dir, "checkpoint-last.pth")
+    if args.auto_resume and os.path.isfile(last):
+        return last
+    return None
+
+
+def restore(model, optimizer, scaler, args):
+    path = resume_path(args)
+    if path is None:
+        return
+    ckpt = load_checkpoint_file(path)
+    report = load_weights(model, ckpt, allow_unexpected=False)
+    print(f"resumed weights: {report}")
+    if "optimizer" in ckpt and "epoch" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        args.start_epoch = int(ckpt["epoch"]) + 1
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        rng = ckpt.get("rng") or {}
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "python" in rng:
+            random.setstate(_as_python_state(rng["python"]))
+        print(f"resuming at epoch {args.start_epoch} from {path}")
+    else:
+        print(f"{path} holds weights only: starting at epoch {args.start_epoch} with a fresh optimizer")
+
+
+def _as_python_state(state):
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+# ------------------------------------------------------------------------------ loops
+class StopTraining(RuntimeError):
+    pass
+
+
+def train_one_epoch(model, loader, optimizer, scaler, epoch, args, norm, writer, stop_flag):
+    model.train()
+    device = args.device
+    dtype = amp_dtype(args)
+    steps = len(loader) if not args.max_steps_per_epoch else min(len(loader), args.max_steps_per_epoch)
+    # Running totals stay on the device; they are read (one sync) only at log intervals.
+    loss_sum = torch.zeros((), device=device)
+    finite_steps = torch.zeros((), device=device)
+    nonfinite = torch.zeros((), device=device)
+    consecutive_bad = torch.zeros((), device=device)
+    images, skipped, start = 0, 0, time.time()
+    fused_skip = bool(optimizer.defaults.get("fused")) and scaler is None
+    interrupted = False
+    optimizer.zero_grad(set_to_none=True)
+    lr = 0.0
+    for it, (inputs, targets, n_bad) in enumerate(loader):
+        if it >= steps:
+            break
+        skipped += n_bad
+        if inputs is None:
+            continue
+        if it % args.accum_iter == 0:
+            lr = adjust_learning_rate(optimizer, epoch + it / steps, args)
+        inputs = norm(inputs.to(device, non_blocking=True))
+        targets = norm(targets.to(device, non_blocking=True)) if targets is not None else None
+        with torch.autocast(device_type=device.split(":")[0], dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss, _, _ = model(inputs, targets, mask_ratio=args.mask_ratio)
+        finite = torch.isfinite(loss.detach())
+        nonfinite += (~finite).float()
+        finite_steps += finite.float()
+        consecutive_bad = (consecutive_bad + 1) * (~finite).float()
+        loss_sum += torch.where(finite, loss.detach(), torch.zeros_like(loss.detach()))
+        update = (it + 1) % args.accum_iter == 0
+        sync_ctx = model.no_sync() if (args.distributed and not update) else _nullcontext()
+        with sync_ctx:
+            if scaler is not None:
+                scaler.scale(loss / args.accum_iter).backward()
+            else:
+                (loss / args.accum_iter).backward()
+        if update:
+            step_optimizer(optimizer, scaler, finite, fused_skip)
+            optimizer.zero_grad(set_to_none=True)
+        images += inputs.shape[0]
+        if (it + 1) % args.print_freq == 0 or it + 1 == steps:
+            check_nonfinite(consecutive_bad, args)
+            log_progress(epoch, it, steps, loss_sum / finite_steps.clamp_min(1), images, start, lr, writer, args)
+        if stop_flag.get("stop"):
+            interrupted = it + 1 < steps
+            break
+    totals = torch.stack([loss_sum, finite_steps, nonfinite, torch.tensor(float(images), device=device),
+                          torch.tensor(float(skipped), device=device)])
+    du.all_reduce_sum(totals)
+    loss_total, good_steps, bad_total, images_total, skipped_total = totals.tolist()
+    elapsed = time.time() - start
+    return {"loss": loss_total / max(good_steps, 1), "lr": lr, "nonfinite_steps": int(bad_total),
+            "skipped_files": int(skipped_total), "images_per_sec": images_total / max(elapsed, 1e-9),
+            "interrupted": interrupted}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def step_optimizer(optimizer, scaler, finite, fused_skip):
+    """Apply the update unless the loss was non-finite, without a host sync where possible."""
+    if scaler is not None:
+        scaler.step(optimizer)  # GradScaler skips non-finite gradients itself
+        scaler.update()
+    elif fused_skip:
+        # fused AdamW reads `found_inf` and skips the update on the device when it is non-zero
+        optimizer.found_inf = (~finite).float()
+        optimizer.step()
+        optimizer.found_inf = None
+    elif bool(finite):  # other optimizers/devices: a host check
+        optimizer.step()
+
+
+def check_nonfinite(consecutive_bad, args):
+    bad = int(consecutive_bad.item())
+    if bad >= args.max_nonfinite:
+        raise StopTraining(f"the loss was non-finite for {bad} consecutive steps; stopping. The last "
+                           f"good checkpoint in {args.output_dir} is intact. Lower --blr, use --amp bf16 "
+                           "or --amp none, or check the data for corrupt images.")
+
+
+def log_progress(epoch, it, steps, mean_loss, images, start, lr, writer, args):
+    elapsed = time.time() - start
+    rate = images / max(elapsed, 1e-9)
+    eta = (steps - it - 1) * elapsed / (it + 1)
+    mean_loss = mean_loss.item()
+    print(f"epoch {epoch} [{it + 1}/{steps}] loss {mean_loss:.4f} lr {lr:.3e} "
+          f"{rate:.1f} img/s eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+    if writer is not None:
+        step = int((epoch + (it + 1) / steps) * 1000)
+        writer.add_scalar("train_loss", mean_loss, step)
+        writer.add_scalar("lr", lr, step)
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, norm):
+    """Validation loss with a fixed mask per batch position, comparable across epochs."""
+    model.eval()
+    gen = torch.Generator().manual_seed(args.seed)
+    total = torch.zeros(2, device=args.device)
+    dtype = amp_dtype(args)
+    raw = getattr(model, "module", model)
+    for inputs, targets, _ in loader:
+        if inputs is None:
+            continue
+        inputs = norm(inputs.to(args.device))
+        targets = norm(targets.to(args.device)) if targets is not None else None
+        noise = torch.rand(inputs.shape[0], raw.num_patches, generator=gen).to(args.device)
+        with torch.autocast(device_type=args.device.split(":")[0], dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss, _, _ = raw(inputs, targets, mask_ratio=args.mask_ratio, noise=noise)
+        total += torch.stack([loss.float() * inputs.shape[0], torch.tensor(float(inputs.shape[0]), device=args.device)])
+    du.all_reduce_sum(total)
+    loss_sum, count = total.tolist()
+    return loss_sum / count if count else float("nan")
+
+
+def write_figure(model, dataset, norm, mean, std, epoch, args, writer):
+    samples = [dataset[i] for i in range(min(4, len(dataset)))]
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        return
+    inputs = norm(torch.stack([s[0] for s in samples]).to(args.device))
+    targets = norm(torch.stack([s[1] for s in samples]).to(args.device)) if samples[0][1] is not None else inputs
+    raw = getattr(model, "module", model)
+    noise = torch.rand(len(samples), raw.num_patches, generator=torch.Generator().manual_seed(args.seed))
+    raw.eval()
+    panels = reconstruction_panels(raw, inputs, targets, mean, std, args.mask_ratio, noise.to(args.device))
+    grid = panels_to_grid(panels)
+    path = os.path.join(args.output_dir, f"reconstruction-{epoch}.png")
+    save_grid_png(path, grid)
+    if writer is not None:
+        writer.add_image("reconstruction", grid, epoch, dataformats="HWC")
+
+
+# ------------------------------------------------------------------------------ main
+def install_sigterm_handler(stop_flag):
+    """Schedulers send SIGTERM before pre-empting: finish the step, save, exit cleanly."""
+    def handler(signum, frame):
+        stop_flag["stop"] = True
+    signal.signal(signal.SIGTERM, handler)
+
+
+def main(args):
+    du.init_distributed(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    seed = args.seed + du.get_rank()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    registry = pretrain_models()
+    if args.model not in registry:
+        raise SystemExit(f"unknown --model '{args.model}'. Valid names: {', '.join(registry.names())}")
+    args.lr = effective_lr(args, du.get_world_size())
+
+    train_set, val_set = build_datasets(args)
+    mean, std = normalisation(args, train_set)
+    mean_t = torch.tensor(mean, device=args.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=args.device).view(1, -1, 1, 1)
+
+    def norm(x):
+        return (x - mean_t) / std_t
+
+    train_loader = make_loader(train_set, args, train=True)
+    val_loader = make_loader(val_set, args, train=False) if val_set is not None else None
+    print(f"training images: {len(train_set)}; validation images: {len(val_set) if val_set else 0}")
+
+    loss_on = args.loss_on or ("all" if is_deblurring_model(args.model) else "masked")
+    model = registry.create(args.model, img_size=input_hw(args), in_chans=args.in_chans,
+                            norm_pix_loss=args.norm_pix_loss, loss_on=loss_on).to(args.device)
+    dtype = amp_dtype(args)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    optimizer = build_optimizer(model, args)
+    restore(model, optimizer, scaler, args)
+    args.model_args = {"loss_on": loss_on, "mean": mean, "std": std}
+
+    train_model = torch.compile(model) if args.compile else model
+    if args.distributed:
+        device_ids = [args.local_rank] if str(args.device).startswith("cuda") else None
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=device_ids,
+                                                                gradient_as_bucket_view=True)
+    writer = None
+    if du.is_main_process():
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(log_dir=args.log_dir or args.output_dir)
+    print(f"model {args.model} (loss on {loss_on} patches), lr {args.lr:.3e}, effective batch "
+          f"{args.batch_size * args.accum_iter * du.get_world_size()}, amp {dtype}, device {args.device}")
+
+    stop_flag = {}
+    install_sigterm_handler(stop_flag)
+    for epoch in range(args.start_epoch, args.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        try:
+            stats = train_one_epoch(train_model, train_loader, optimizer, scaler, epoch, args, norm, writer, stop_flag)
+        except StopTraining as err:
+            raise SystemExit(str(err))
+        interrupted = stats.pop("interrupted")
+        log = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
+        if interrupted:
+            # a partial epoch: label the checkpoint with the previous epoch so that a resume
+            # runs this epoch again (with the weights as they are now), then stop
+            state = checkpoint_state(model, optimizer, scaler, epoch - 1, args)
+            if du.is_main_process():
+                save_checkpoint(state, os.path.join(args.output_dir, "checkpoint-last.pth"))
+            print(f"SIGTERM received during epoch {epoch}: saved checkpoint-last.pth; exiting", flush=True)
+            break
+        last = epoch + 1 == args.epochs
+        if val_loader is not None and ((epoch + 1) % args.eval_freq == 0 or last):
+            log["val_loss"] = evaluate(model, val_loader, args, norm)
+        if du.is_main_process():
+            if (epoch + 1) % args.eval_freq == 0 or last:
+                write_figure(model, val_set or train_set, norm, mean_t, std_t, epoch, args, writer)
+            state = checkpoint_state(model, optimizer, scaler, epoch, args)
+            save_epoch_checkpoint(state, epoch, args, numbered=(epoch + 1) % args.save_freq == 0 or last)
+            append_log(args.output_dir, log, writer, epoch)
+        if stop_flag.get("stop"):
+            print(f"SIGTERM received: checkpoint of epoch {epoch} saved; exiting", flush=True)
+            break
+    if writer is not None:
+        writer.close()
+    du.cleanup()
+
+
+def append_log(out_dir, log, writer, epoch):
+    with open(os.path.join(out_dir, "log.txt"), "a") as f:
+        f.write(json.dumps(log) + "\n")
+    print(json.dumps(log))
+    if writer is not None:
+        for key, value in log.items():
+            if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+                writer.add_scalar(f"epoch/{key}", value, epoch)
+
+
+def cli(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        main(args)
+    except (DatasetError, CheckpointError) as err:
+        raise SystemExit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    cli()

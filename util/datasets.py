@@ -1,0 +1,270 @@
+"""Pretraining datasets: paired (blurred copy + original) or on-the-fly blur, any image tree.
+
+Modes
+* paired (published): the blurred input comes from ``blurred_root``, the sharp target from
+  ``orig_root``; files are paired by relative path (a DICOM original ``scan.dcm`` pairs with the PNG
+  ``scan.png`` / ``scan_f000.png`` ... that ``blurred_images.py`` writes for it);
+* on the fly: the input is ``blur.apply`` of the original at its native resolution, before the
+  crop -- the same numbers the offline ``blurred_images.py`` copy holds, without that copy;
+* vanilla: input and target are the same image (``orig_root`` and ``blur`` both None).
+
+Every sample gets one RandomResizedCrop box and one flip decision, drawn once from the worker's own
+generator and applied to both images. (The published code reseeded the global RNG with the
+wall-clock second, so all samples loaded within one second got the same crop.) Worker generators
+are seeded from ``torch.initial_seed()``, which the DataLoader makes distinct per worker, per epoch
+and per rank, and reproducible from the run's seed.
+
+Samples are float32 tensors in [0, 1] (C, H, W); normalisation happens on the device. A corrupt
+file makes ``__getitem__`` return None (``collate_skip_bad`` drops it and counts it) unless
+``strict`` is set.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, get_worker_info
+
+from util.blur import BlurSpec, blur_key
+from util.image_io import UnreadableImageError, image_frames, list_images, read_image, to_grey
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_SCALE = (0.2, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+class DatasetError(RuntimeError):
+    """The dataset folder cannot be used as given; the message names the folder and the fix."""
+
+
+# ------------------------------------------------------------------------------ indexing
+def split_folder(root: str, split: str) -> Optional[str]:
+    """``root/split`` when the tree has splits; a tree without ``train/`` is all training data."""
+    candidate = os.path.join(root, split)
+    if os.path.isdir(candidate):
+        return candidate
+    if split == "train" and not os.path.isdir(os.path.join(root, "val")):
+        return root
+    return None
+
+
+def blurred_name(relative_path: str, frames: int) -> List[str]:
+    """Names ``blurred_images.py`` gives the blurred copy of a file (DICOM -> PNG, per frame)."""
+    from blurred_images import output_paths  # the writer owns its naming rule
+    return output_paths(relative_path, frames)
+
+
+def index_items(root: str) -> List[Tuple[str, int, int]]:
+    """(relative path, frame, frame count) for every image below ``root``; a multi-frame DICOM
+    contributes each of its frames."""
+    items = []
+    for rel in list_images(root):
+        try:
+            frames = image_frames(os.path.join(root, rel))
+        except UnreadableImageError:
+            frames = 1  # reported (or raised) when the sample is read
+        items.extend((rel, f, frames) for f in range(frames))
+    return items
+
+
+def check_pairs(orig_root: str, orig_items, blurred_root: str) -> List[str]:
+    """Blurred relative path for each original item; one clear error listing unpaired files."""
+    expected = [blurred_name(rel, frames)[frame] for rel, frame, frames in orig_items]
+    present = set(list_images(blurred_root))
+    missing = [e for e in expected if e not in present]
+    extra = sorted(present - set(expected))
+    if missing or extra:
+        lines = [f"the blurred tree {blurred_root} and the original tree {orig_root} do not pair:"]
+        if missing:
+            lines.append(f"  {len(missing)} originals have no blurred copy, e.g. {', '.join(missing[:5])}")
+        if extra:
+            lines.append(f"  {len(extra)} blurred files have no original, e.g. {', '.join(extra[:5])}")
+        lines.append("Re-run blurred_images.py on the original tree (it resumes and only writes what is "
+                     "missing), or blur on the fly with --blur gaussian instead of --data_path_blurred.")
+        raise DatasetError("\n".join(lines))
+    return expected
+
+
+def subset(items: list, num: Optional[int], seed: int) -> list:
+    """The same ``num`` items on every rank (the seed, not the rank, picks them)."""
+    if not num or num >= len(items):
+        return items
+    keep = np.sort(np.random.default_rng(seed).permutation(len(items))[:num])
+    return [items[i] for i in keep]
+
+
+# ------------------------------------------------------------------------------ pixels
+def to_channels(img: np.ndarray, in_chans: int) -> np.ndarray:
+    """H x W or H x W x 3 -> H x W x in_chans (grey replicated to 3 channels, colour to grey)."""
+    if in_chans == 1:
+        return to_grey(img)[:, :, None]
+    if img.ndim == 2:
+        return np.repeat(img[:, :, None], 3, axis=2)
+    return img
+
+
+def to_unit_tensor(img: np.ndarray) -> torch.Tensor:
+    """H x W x C uint8/uint16 -> C x H x W float32 in [0, 1]."""
+    scale = 65535.0 if img.dtype == np.uint16 else 255.0
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(scale)
+
+
+def sample_crop_box(height: int, width: int, gen: torch.Generator,
+                    scale=CROP_SCALE, ratio=CROP_RATIO) -> Tuple[int, int, int, int]:
+    """RandomResizedCrop's box (top, left, h, w): area fraction in ``scale``, log-uniform aspect
+    ``ratio``, ten tries, then a centred crop clamped to the ratio range (torchvision's rule)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        u = torch.rand(3, generator=gen).tolist()
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=gen))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=gen))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resize_box(img: torch.Tensor, box, size: Tuple[int, int]) -> torch.Tensor:
+    """Crop ``box`` of a C x H x W tensor and resize it bicubically (antialiased) to ``size``."""
+    top, left, h, w = box
+    crop = img[:, top:top + h, left:left + w].unsqueeze(0)
+    out = F.interpolate(crop, size=size, mode="bicubic", align_corners=False, antialias=True)
+    return out.squeeze(0).clamp_(0.0, 1.0)
+
+
+def center_box(height: int, width: int, size: Tuple[int, int]) -> Tuple[int, int, int, int]:
+    """Largest centred box with the aspect of ``size`` (evaluation: deterministic, whole content)."""
+    aspect = size[1] / size[0]
+    h, w = height, int(round(height * aspect))
+    if w > width:
+        w, h = width, int(round(width / aspect))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+# ------------------------------------------------------------------------------ dataset
+class PretrainDataset(Dataset):
+    def __init__(self, root: str, *, orig_root: Optional[str] = None, blur: Optional[BlurSpec] = None,
+                 input_size=224, in_chans: int = 3, train: bool = True, strict: bool = False,
+                 num_samples: Optional[int] = None, seed: int = 0):
+        """``root``: inputs (blurred copy in paired mode; originals otherwise).
+        ``orig_root``: originals in paired mode. ``blur``: on-the-fly blur of ``root``'s images."""
+        if orig_root is not None and blur is not None:
+            raise ValueError("use either a blurred copy (orig_root) or on-the-fly blur, not both")
+        self.size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        self.in_chans, self.train, self.strict, self.blur = in_chans, train, strict, blur
+        index_root = orig_root or root
+        items = index_items(index_root)
+        if not items:
+            raise DatasetError(f"no images found under {index_root}. Expected image files (PNG, JPEG, "
+                               "TIFF, BMP, DICOM, ...) in train/<class>/ and val/<class>/ folders or any "
+                               "tree below it; check the path.")
+        if orig_root is not None:
+            blurred = check_pairs(orig_root, items, root)
+            pairs = [(os.path.join(root, b), os.path.join(orig_root, rel), 0, rel, f, n)
+                     for b, (rel, f, n) in zip(blurred, items)]
+        else:
+            pairs = [(os.path.join(root, rel), None, f, rel, f, n) for rel, f, n in items]
+        self.samples = subset(pairs, num_samples, seed)
+        self._generator: Optional[torch.Generator] = None
+        self._generator_pid = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def generator(self) -> torch.Generator:
+        """This worker's crop generator, created lazily inside the worker process."""
+        if self._generator is None or self._generator_pid != os.getpid():
+            info = get_worker_info()
+            seed = info.seed if info is not None else torch.initial_seed()
+            self._generator = torch.Generator().manual_seed(seed % (2 ** 63))
+            self._generator_pid = os.getpid()
+        return self._generator
+
+    def load_pair(self, index: int):
+        """(input, target) as H x W x C arrays; target None when it is the input itself."""
+        input_path, orig_path, input_frame, rel, frame, frames = self.samples[index]
+        image = read_image(input_path, input_frame)
+        if self.blur is not None:
+            key = blur_key(rel, frame if frames > 1 else None)
+            # grey before blurring, as blurred_images.py does, so both give the same input
+            blurred = self.blur.apply(to_grey(image), key=key)
+            return to_channels(blurred, self.in_chans), to_channels(image, self.in_chans)
+        if orig_path is not None:
+            target = read_image(orig_path, frame)
+            if target.shape[:2] != image.shape[:2]:
+                raise DatasetError(f"{input_path} is {image.shape[1]}x{image.shape[0]} but its original "
+                                   f"{orig_path} is {target.shape[1]}x{target.shape[0]}; re-create the "
+                                   "blurred copy with blurred_images.py")
+            return to_channels(image, self.in_chans), to_channels(target, self.in_chans)
+        return to_channels(image, self.in_chans), None
+
+    def __getitem__(self, index: int):
+        try:
+            image, target = self.load_pair(index)
+        except UnreadableImageError as err:
+            if self.strict:
+                raise
+            warnings.warn(f"skipping {err.path}: {err.reason} (use --strict_data to stop instead)")
+            return None
+        image = to_unit_tensor(image)
+        target = to_unit_tensor(target) if target is not None else None
+        height, width = image.shape[-2:]
+        if self.train:
+            gen = self.generator()
+            box = sample_crop_box(height, width, gen)
+            flip = bool(torch.rand(1, generator=gen) < 0.5)
+        else:
+            box, flip = center_box(height, width, self.size), False
+        image = resize_box(image, box, self.size)
+        target = resize_box(target, box, self.size) if target is not None else None
+        if flip:
+            image = image.flip(-1)
+            target = target.flip(-1) if target is not None else None
+        return image, target
+
+
+def collate_skip_bad(batch: Sequence):
+    """Stack the good samples; return ``(inputs, targets or None, number of skipped files)``."""
+    good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return None, None, skipped
+    inputs = torch.stack([b[0] for b in good])
+    targets = None if good[0][1] is None else torch.stack([b[1] for b in good])
+    return inputs, targets, skipped
+
+
+def dataset_mean_std(dataset: PretrainDataset, max_images: int = 2000, seed: int = 0):
+    """Per-channel mean and std of the (un-normalised) inputs over up to ``max_images`` samples."""
+    order = np.random.default_rng(seed).permutation(len(dataset))[:max_images]
+    total, total_sq, count = 0.0, 0.0, 0
+    for i in order:
+        sample = dataset[int(i)]
+        if sample is None:
+            continue
+        x = sample[0].double()
+        total = total + x.sum(dim=(1, 2))
+        total_sq = total_sq + (x * x).sum(dim=(1, 2))
+        count += x.shape[1] * x.shape[2]
+    if count == 0:
+        raise DatasetError("could not read any image to compute the dataset mean/std")
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
