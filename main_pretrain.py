@@ -20,6 +20,7 @@ import sys
 import time
 import warnings
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -43,7 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", default=64, type=int, help="images per GPU per iteration")
     p.add_argument("--epochs", default=800, type=int)
     p.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
-    p.add_argument("--input_size", default=224, type=int, nargs="+",
+    p.add_argument("--input_size", default=[224], type=int, nargs="+",
                    help="input size: one number (square) or H W; divisible by the patch size")
     p.add_argument("--in_chans", default=3, type=int, choices=(1, 3),
                    help="1 trains on grey images with the dataset's mean/std; 3 (default) uses "
@@ -166,8 +167,23 @@ def make_loader(dataset, args, train: bool):
     generator = torch.Generator().manual_seed(args.seed + du.get_rank())
     return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                       pin_memory=args.pin_mem and str(args.device).startswith("cuda"), drop_last=train,
-                      collate_fn=collate_skip_bad, persistent_workers=args.num_workers > 0,
-                      generator=generator)
+                      collate_fn=collate_skip_bad, generator=generator)
+
+
+def epoch_seed(args, epoch: int) -> int:
+    """Seed of the data augmentation of one epoch on this rank: a resumed run draws the same crops."""
+    return int(np.random.SeedSequence([args.seed, du.get_rank(), epoch]).generate_state(1)[0])
+
+
+def start_epoch_data(loader, epoch: int, args) -> None:
+    loader.sampler.set_epoch(epoch)
+    seed = epoch_seed(args, epoch)
+    loader.generator.manual_seed(seed)  # the workers' seeds derive from it
+    loader.dataset.set_epoch_seed(seed)  # used when num_workers == 0
+    # The masking noise comes from the global generator: seeding it per (seed, rank, epoch) makes
+    # every random draw of an epoch a function of the epoch, so a resumed run continues exactly
+    # as an uninterrupted one without storing generator states in the checkpoint.
+    torch.manual_seed(seed + 1)
 
 
 def amp_dtype(args):
@@ -192,9 +208,7 @@ def build_optimizer(model, args):
 def checkpoint_state(model, optimizer, scaler, epoch, args):
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))},
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+            "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}}
 
 
 def save_epoch_checkpoint(state, epoch, args, numbered: bool):
@@ -240,19 +254,9 @@ def restore(model, optimizer, scaler, args):
         args.start_epoch = int(ckpt["epoch"]) + 1
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        rng = ckpt.get("rng") or {}
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "python" in rng:
-            random.setstate(_as_python_state(rng["python"]))
         print(f"resuming at epoch {args.start_epoch} from {path}")
     else:
         print(f"{path} holds weights only: starting at epoch {args.start_epoch} with a fresh optimizer")
-
-
-def _as_python_state(state):
-    version, internal, gauss = state
-    return version, tuple(internal), gauss
 
 
 # ------------------------------------------------------------------------------ loops
@@ -440,7 +444,8 @@ def main(args):
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     optimizer = build_optimizer(model, args)
     restore(model, optimizer, scaler, args)
-    args.model_args = {"loss_on": loss_on, "mean": mean, "std": std}
+    # recorded in the checkpoint's args, so tools can rebuild the model and its normalisation
+    args.loss_on, args.data_mean, args.data_std = loss_on, mean, std
 
     train_model = torch.compile(model) if args.compile else model
     if args.distributed:
@@ -457,7 +462,7 @@ def main(args):
     stop_flag = {}
     install_sigterm_handler(stop_flag)
     for epoch in range(args.start_epoch, args.epochs):
-        train_loader.sampler.set_epoch(epoch)
+        start_epoch_data(train_loader, epoch, args)
         try:
             stats = train_one_epoch(train_model, train_loader, optimizer, scaler, epoch, args, norm, writer, stop_flag)
         except StopTraining as err:

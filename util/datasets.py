@@ -10,9 +10,11 @@ Modes
 
 Every sample gets one RandomResizedCrop box and one flip decision, drawn once from the worker's own
 generator and applied to both images. (The published code reseeded the global RNG with the
-wall-clock second, so all samples loaded within one second got the same crop.) Worker generators
-are seeded from ``torch.initial_seed()``, which the DataLoader makes distinct per worker, per epoch
-and per rank, and reproducible from the run's seed.
+wall-clock second, so all samples loaded within one second got the same crop.) In a DataLoader
+worker the generator is seeded with the worker's seed, which the DataLoader makes distinct per
+worker and derives from the loader's generator; the training script reseeds that generator from
+(seed, rank, epoch) every epoch, so the crops of an epoch are the same whether or not the run was
+resumed. Without workers, ``set_epoch_seed`` plays that role.
 
 Samples are float32 tensors in [0, 1] (C, H, W); normalisation happens on the device. A corrupt
 file makes ``__getitem__`` return None (``collate_skip_bad`` drops it and counts it) unless
@@ -112,7 +114,9 @@ def to_channels(img: np.ndarray, in_chans: int) -> np.ndarray:
 def to_unit_tensor(img: np.ndarray) -> torch.Tensor:
     """H x W x C uint8/uint16 -> C x H x W float32 in [0, 1]."""
     scale = 65535.0 if img.dtype == np.uint16 else 255.0
-    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(scale)
+    # np.require copies only when needed: decoded arrays may be read-only views
+    chw = np.require(img.transpose(2, 0, 1), requirements=("C", "W"))
+    return torch.from_numpy(chw).float().div_(scale)
 
 
 def sample_crop_box(height: int, width: int, gen: torch.Generator,
@@ -184,15 +188,24 @@ class PretrainDataset(Dataset):
         self.samples = subset(pairs, num_samples, seed)
         self._generator: Optional[torch.Generator] = None
         self._generator_pid = None
+        self._epoch_seed: Optional[int] = None
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def set_epoch_seed(self, seed: int) -> None:
+        """Seed of the crops drawn in the main process (``num_workers=0``) from now on."""
+        self._epoch_seed = seed
+        self._generator = None
 
     def generator(self) -> torch.Generator:
         """This worker's crop generator, created lazily inside the worker process."""
         if self._generator is None or self._generator_pid != os.getpid():
             info = get_worker_info()
-            seed = info.seed if info is not None else torch.initial_seed()
+            if info is not None:
+                seed = info.seed
+            else:
+                seed = self._epoch_seed if self._epoch_seed is not None else torch.initial_seed()
             self._generator = torch.Generator().manual_seed(seed % (2 ** 63))
             self._generator_pid = os.getpid()
         return self._generator

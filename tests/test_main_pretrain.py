@@ -1,0 +1,142 @@
+"""main_pretrain.py end to end on CPU with tiny models and images made here."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import main_pretrain
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Smooth random 'ultrasound' in train/val trees plus its gaussian-blurred copy."""
+    root = tmp_path_factory.mktemp("pretrain")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("val", 4)):
+        for i in range(n):
+            folder = root / "orig" / split / ("a" if i % 2 else "b")
+            folder.mkdir(parents=True, exist_ok=True)
+            img = cv2.GaussianBlur((rng.random((40, 48)) * 255).astype(np.uint8), (0, 0), 2.5)
+            cv2.imwrite(str(folder / f"{split}{i}.png"), img)
+    from util.blur import BlurSpec
+    from util.image_io import list_images, read_image, write_image_atomic
+    for rel in list_images(root / "orig"):
+        write_image_atomic(root / "blur" / rel, BlurSpec("gaussian", sigma=1.1).apply(read_image(root / "orig" / rel)))
+    return root
+
+
+def run(data, out, *extra, model="dmae_vit_tiny_patch16", epochs=2):
+    args = ["--model", model, "--output_dir", str(out), "--data_path_blurred", str(data / "blur"),
+            "--data_path_orig", str(data / "orig"), "--batch_size", "4", "--epochs", str(epochs),
+            "--input_size", "32", "--num_workers", "0", "--device", "cpu", "--warmup_epochs", "1",
+            "--print_freq", "2", *extra]
+    main_pretrain.cli(args)
+    return [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
+
+
+def test_loss_decreases(data, tmp_path):
+    log = run(data, tmp_path, "--lr", "2e-3", "--eval_freq", "100", epochs=12)
+    losses = [entry["train_loss"] for entry in log]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert log[-1]["epoch"] == 11 and log[-1]["train_nonfinite_steps"] == 0
+
+
+def test_outputs_and_checkpoint_contents(data, tmp_path):
+    log = run(data, tmp_path, "--eval_freq", "1", "--save_freq", "2", epochs=2)
+    files = set(os.listdir(tmp_path))
+    assert {"checkpoint-1.pth", "checkpoint-last.pth", "log.txt", "reconstruction-0.png",
+            "reconstruction-1.png"} <= files
+    assert "checkpoint-0.pth" not in files
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    assert all("val_loss" in entry and np.isfinite(entry["val_loss"]) for entry in log)
+    ckpt = torch.load(tmp_path / "checkpoint-1.pth", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["args"]["model"] == "dmae_vit_tiny_patch16"
+    assert set(ckpt) >= {"model", "optimizer", "epoch", "scaler", "args"}
+
+
+@pytest.mark.parametrize("model", ["convmae_convvit_tiny_patch16", "dconvmae_convvit_tiny_patch16"])
+def test_convmae_families_train(data, tmp_path, model):
+    log = run(data, tmp_path, "--eval_freq", "100", model=model, epochs=1)
+    assert np.isfinite(log[0]["train_loss"])
+
+
+def test_on_the_fly_blur_and_grey(data, tmp_path):
+    args = ["--model", "dmae_vit_tiny_patch16", "--output_dir", str(tmp_path), "--data_path_orig",
+            str(data / "orig"), "--blur", "gaussian", "--blur_sigma", "1.1", "--in_chans", "1",
+            "--batch_size", "4", "--epochs", "1", "--input_size", "32", "--num_workers", "0",
+            "--device", "cpu"]
+    main_pretrain.cli(args)
+    ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    assert ckpt["model"]["patch_embed.proj.weight"].shape[1] == 1
+    mean, std = ckpt["args"]["data_mean"], ckpt["args"]["data_std"]
+    assert len(mean) == 1 and 0.2 < mean[0] < 0.8 and 0 < std[0] < 0.5
+
+
+def test_resume_equals_uninterrupted_run(data, tmp_path):
+    full = tmp_path / "full"
+    run(data, full, "--eval_freq", "100", "--save_freq", "1", epochs=3)
+    resumed = tmp_path / "resumed"
+    log = run(data, resumed, "--resume", str(full / "checkpoint-1.pth"), "--eval_freq", "100", epochs=3)
+    assert [entry["epoch"] for entry in log] == [2]
+    a = torch.load(full / "checkpoint-last.pth", weights_only=True)
+    b = torch.load(resumed / "checkpoint-last.pth", weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg"], b["optimizer"]["state"][key]["exp_avg"])
+        assert torch.equal(state["step"], b["optimizer"]["state"][key]["step"])
+
+
+def test_auto_resume_after_kill(data, tmp_path, repo_root):
+    cmd = [sys.executable, "main_pretrain.py", "--model", "mae_vit_tiny_patch16", "--output_dir",
+           str(tmp_path), "--data_path_blurred", str(data / "orig"), "--batch_size", "4",
+           "--epochs", "200", "--input_size", "32", "--num_workers", "0", "--device", "cpu",
+           "--eval_freq", "1000", "--auto_resume"]
+    proc = subprocess.Popen(cmd, cwd=repo_root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = tmp_path / "log.txt"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log_path.exists() or len(log_path.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)  # complete and loadable
+    done = ckpt["epoch"]
+    cmd[cmd.index("200")] = str(done + 2)
+    subprocess.run(cmd, cwd=repo_root, check=True, capture_output=True)
+    epochs = [json.loads(line)["epoch"] for line in log_path.read_text().splitlines()]
+    assert epochs[-2:] == [done + 1, done + 2] or epochs[-1] == done + 1
+    assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["epoch"] == done + 1
+
+
+def test_torchrun_two_processes_gloo(data, tmp_path, repo_root):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--node_rank=0", "--master_port", str(29500 + os.getpid() % 1000), "main_pretrain.py",
+           "--model", "dmae_vit_tiny_patch16", "--output", str(tmp_path), "--data_path_blurred",
+           str(data / "blur"), "--data_path_orig", str(data / "orig"), "--batch_size", "2",
+           "--epochs", "1", "--input_size", "32", "--num_workers", "1", "--device", "cpu"]
+    result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "checkpoint-0.pth", weights_only=True)
+    assert ckpt["args"]["world_size"] == 2
+    log = [json.loads(line) for line in open(tmp_path / "log.txt")]
+    assert len(log) == 1 and np.isfinite(log[0]["val_loss"])
+
+
+def test_clear_errors(data, tmp_path):
+    with pytest.raises(SystemExit, match="Valid names: .*dmae_vit_base_patch16"):
+        run(data, tmp_path, model="dmae_vit_bas_patch16")
+    with pytest.raises(SystemExit, match="pass --data_path_orig"):
+        main_pretrain.cli(["--model", "dmae_vit_tiny_patch16", "--data_path_blurred", str(data / "blur"),
+                           "--output_dir", str(tmp_path), "--device", "cpu"])
+    (tmp_path / "blur2" / "train").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="do not pair"):
+        main_pretrain.cli(["--model", "dmae_vit_tiny_patch16", "--data_path_blurred", str(tmp_path / "blur2"),
+                           "--data_path_orig", str(data / "orig"), "--output_dir", str(tmp_path / "o"),
+                           "--device", "cpu"])

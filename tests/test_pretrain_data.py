@@ -1,0 +1,132 @@
+"""Pretraining data: paired crops, on-the-fly blur, pairing errors, corrupt files."""
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from util.blur import BlurSpec
+from util.datasets import DatasetError, PretrainDataset, collate_skip_bad, sample_crop_box
+from util.image_io import UnreadableImageError
+
+
+def write_tree(root, n=6, size=(60, 80), seed=0, colour=False):
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        folder = os.path.join(root, "train", "c%d" % (i % 2))
+        os.makedirs(folder, exist_ok=True)
+        shape = size + ((3,) if colour else ())
+        img = cv2.GaussianBlur((rng.random(shape) * 255).astype(np.uint8), (0, 0), 2)
+        path = os.path.join(folder, f"img{i}.png")
+        cv2.imwrite(path, img)
+        paths.append(path)
+    return paths
+
+
+def test_paired_crops_are_aligned_and_vary(tmp_path):
+    write_tree(tmp_path / "a")
+    # identical files in both trees: a correctly shared crop/flip gives identical tensors
+    ds = PretrainDataset(str(tmp_path / "a" / "train"), orig_root=str(tmp_path / "a" / "train"),
+                         input_size=32)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(5):
+        for i in range(len(ds)):
+            inp, tgt = ds[i]
+            assert torch.equal(inp, tgt)
+            seen.add(tuple(inp[0, :2, :2].flatten().tolist()))
+    assert len(seen) > 20  # different samples and draws get different crops
+
+
+def test_workers_do_not_share_random_streams(tmp_path):
+    write_tree(tmp_path / "a", n=4)
+    ds = PretrainDataset(str(tmp_path / "a" / "train"), input_size=16)
+    # every item is the same file: crops differ only through the random stream
+    ds.samples = [ds.samples[0]] * 8
+    loader = DataLoader(ds, batch_size=1, num_workers=2, collate_fn=collate_skip_bad,
+                        generator=torch.Generator().manual_seed(0))
+    outs = [b[0][0] for b in loader]  # worker 0 serves 0, 2, 4..; worker 1 serves 1, 3, 5..
+    assert not torch.equal(outs[0], outs[1])
+    assert len({tuple(o.flatten().tolist()) for o in outs}) == len(outs)
+    # reproducible from the loader's seed; a new epoch (new base seed) gives new crops
+    again = [b[0][0] for b in DataLoader(ds, batch_size=1, num_workers=2, collate_fn=collate_skip_bad,
+                                         generator=torch.Generator().manual_seed(0))]
+    assert all(torch.equal(x, y) for x, y in zip(outs, again))
+    other = [b[0][0] for b in DataLoader(ds, batch_size=1, num_workers=2, collate_fn=collate_skip_bad,
+                                         generator=torch.Generator().manual_seed(1))]
+    assert not torch.equal(outs[0], other[0])
+
+
+def test_on_the_fly_blur_equals_offline_copy(tmp_path, repo_root):
+    write_tree(tmp_path / "orig", colour=True)
+    subprocess.run([sys.executable, os.path.join(repo_root, "blurred_images.py"), "--src_dir",
+                    str(tmp_path / "orig"), "--dst_dir", str(tmp_path / "blur"), "--method", "gaussian",
+                    "--sigma", "1.1", "--workers", "1"], check=True, capture_output=True, cwd=repo_root)
+    paired = PretrainDataset(str(tmp_path / "blur" / "train"), orig_root=str(tmp_path / "orig" / "train"),
+                             input_size=32, train=False)
+    online = PretrainDataset(str(tmp_path / "orig" / "train"), blur=BlurSpec("gaussian", sigma=1.1),
+                             input_size=32, train=False)
+    for i in range(len(paired)):
+        raw_paired, raw_online = paired.load_pair(i), online.load_pair(i)
+        assert np.array_equal(raw_paired[0], raw_online[0])  # the blurred input, bit for bit
+        assert np.array_equal(raw_paired[1], raw_online[1])  # the sharp (colour) target
+        assert torch.equal(paired[i][0], online[i][0])
+
+
+def test_unpaired_trees_fail_at_start_with_examples(tmp_path):
+    write_tree(tmp_path / "orig", n=6)
+    write_tree(tmp_path / "blur", n=4)
+    with pytest.raises(DatasetError, match=r"2 originals have no blurred copy, e\.g\. .*img4\.png"):
+        PretrainDataset(str(tmp_path / "blur" / "train"), orig_root=str(tmp_path / "orig" / "train"))
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty" / "train" / "c").mkdir(parents=True)
+    (tmp_path / "empty" / "train" / "c" / "notes.txt").write_text("not an image")
+    with pytest.raises(DatasetError, match="no images found under .*empty"):
+        PretrainDataset(str(tmp_path / "empty" / "train"))
+
+
+def test_corrupt_file_is_skipped_or_fatal_when_strict(tmp_path):
+    paths = write_tree(tmp_path / "d", n=4)
+    with open(paths[1], "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + b"garbage")
+    ds = PretrainDataset(str(tmp_path / "d" / "train"), input_size=16)
+    with pytest.warns(UserWarning, match="skipping .*img1.png"):
+        batch = collate_skip_bad([ds[i] for i in range(len(ds))])
+    assert batch[0].shape == (3, 3, 16, 16) and batch[1] is None and batch[2] == 1
+    strict = PretrainDataset(str(tmp_path / "d" / "train"), input_size=16, strict=True)
+    with pytest.raises(UnreadableImageError, match="img1.png"):
+        [strict[i] for i in range(len(strict))]
+
+
+def test_grey_one_channel_and_16_bit(tmp_path):
+    folder = tmp_path / "g" / "train"
+    folder.mkdir(parents=True)
+    cv2.imwrite(str(folder / "deep.png"), np.full((40, 40), 65535 // 4, np.uint16))
+    ds = PretrainDataset(str(folder), input_size=16, in_chans=1, train=False)
+    inp, tgt = ds[0]
+    assert inp.shape == (1, 16, 16) and tgt is None
+    torch.testing.assert_close(inp, torch.full((1, 16, 16), (65535 // 4) / 65535))
+
+
+def test_num_train_subset_is_rank_independent(tmp_path):
+    write_tree(tmp_path / "s", n=10)
+    a = PretrainDataset(str(tmp_path / "s" / "train"), num_samples=4, seed=3)
+    b = PretrainDataset(str(tmp_path / "s" / "train"), num_samples=4, seed=3)
+    assert len(a) == 4 and a.samples == b.samples
+
+
+def test_crop_box_stays_inside_and_follows_scale():
+    gen = torch.Generator().manual_seed(0)
+    areas = []
+    for _ in range(200):
+        top, left, h, w = sample_crop_box(100, 150, gen)
+        assert 0 <= top and top + h <= 100 and 0 <= left and left + w <= 150
+        areas.append(h * w / (100 * 150))
+    assert 0.15 < min(areas) and max(areas) <= 1.0 and np.mean(areas) > 0.4
