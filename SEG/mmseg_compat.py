@@ -52,7 +52,7 @@ Patches
    switched off anywhere.
 
 Not patches, but facts of the stack that ``stack_problems()`` checks (pins in
-``SEG/requirements-seg.txt``):
+``requirements.txt``):
 
 * ``ftfy`` and ``regex``: mmseg imports them (CLIP tokenizer of the SAN/VPD models, imported by
   ``mmseg.models``) but does not declare them.
@@ -310,7 +310,7 @@ def stack_problems() -> list:
             metadata.version(dist)
         except metadata.PackageNotFoundError:
             problems.append(f'{dist} is not installed ({why}): pip install -r '
-                            'SEG/requirements-seg.txt')
+                            'requirements.txt')
     mmcv_version = None
     for dist in ('mmcv', 'mmcv-lite'):
         try:
@@ -320,7 +320,7 @@ def stack_problems() -> list:
             pass
     if mmcv_version is None:
         problems.append('neither mmcv nor mmcv-lite is installed: pip install -r '
-                        'SEG/requirements-seg.txt')
+                        'requirements.txt')
     else:
         parts = tuple(int(p) for p in mmcv_version.split('.')[:2] if p.isdigit())
         if parts >= (2, 2):

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-pytest.importorskip('mmseg', reason='segmentation stack not installed: pins in SEG/requirements-seg.txt')
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
