@@ -140,3 +140,26 @@ def test_clear_errors(data, tmp_path):
         main_pretrain.cli(["--model", "dmae_vit_tiny_patch16", "--data_path_blurred", str(tmp_path / "blur2"),
                            "--data_path_orig", str(data / "orig"), "--output_dir", str(tmp_path / "o"),
                            "--device", "cpu"])
+
+
+def test_visualize_reconstruction_tool(data, tmp_path, repo_root):
+    import argparse
+    run(data, tmp_path / "run", "--eval_freq", "100", epochs=1, model="dconvmae_convvit_tiny_patch16")
+    image = str(next((data / "orig" / "val").rglob("*.png")))
+    out = tmp_path / "fig.png"
+    result = subprocess.run([sys.executable, "tools/visualize_reconstruction.py",
+                             str(tmp_path / "run" / "checkpoint-last.pth"), image, image, "--out", str(out)],
+                            cwd=repo_root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    fig = cv2.imread(str(out))
+    assert fig.shape[0] > 2 * 32 and fig.shape[1] > 4 * 32  # two rows of four 32x32 panels
+    # a published-style checkpoint: weights under 'model', args as argparse.Namespace
+    from util.registry import pretrain_models
+    model = pretrain_models().create("dmae_vit_tiny_patch16")
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(model="dmae_vit_tiny_patch16",
+                                                                         input_size=224, norm_pix_loss=True)},
+               tmp_path / "published.pth")
+    result = subprocess.run([sys.executable, "tools/visualize_reconstruction.py", str(tmp_path / "published.pth"),
+                             image, "--out", str(tmp_path / "fig2.png")], cwd=repo_root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert cv2.imread(str(tmp_path / "fig2.png")).shape[:2] == (224 + 4, 4 * 226 + 2)
