@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
-import math
 import os
 import random
 import re
-import signal
 import sys
 import time
 import warnings
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -34,6 +30,8 @@ from util.fileio import atomic_write_text
 from util.lr_decay import param_groups
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.registry import pretrain_models
+from util.training import (StopTraining, amp_dtype, append_log, check_nonfinite, epoch_seed,
+                            install_sigterm_handler, step_optimizer)
 from util.visualize import panels_to_grid, reconstruction_panels, save_grid_png
 
 
@@ -170,11 +168,6 @@ def make_loader(dataset, args, train: bool):
                       collate_fn=collate_skip_bad, generator=generator)
 
 
-def epoch_seed(args, epoch: int) -> int:
-    """Seed of the data augmentation of one epoch on this rank: a resumed run draws the same crops."""
-    return int(np.random.SeedSequence([args.seed, du.get_rank(), epoch]).generate_state(1)[0])
-
-
 def start_epoch_data(loader, epoch: int, args) -> None:
     loader.sampler.set_epoch(epoch)
     seed = epoch_seed(args, epoch)
@@ -184,17 +177,6 @@ def start_epoch_data(loader, epoch: int, args) -> None:
     # every random draw of an epoch a function of the epoch, so a resumed run continues exactly
     # as an uninterrupted one without storing generator states in the checkpoint.
     torch.manual_seed(seed + 1)
-
-
-def amp_dtype(args):
-    device = str(args.device)
-    if args.amp == "none" or (args.amp == "auto" and not device.startswith("cuda")):
-        return None
-    if args.amp == "fp16":
-        return torch.float16
-    if args.amp == "bf16":
-        return torch.bfloat16
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def build_optimizer(model, args):
@@ -260,10 +242,6 @@ def restore(model, optimizer, scaler, args):
 
 
 # ------------------------------------------------------------------------------ loops
-class StopTraining(RuntimeError):
-    pass
-
-
 def train_one_epoch(model, loader, optimizer, scaler, epoch, args, norm, writer, stop_flag):
     model.train()
     device = args.device
@@ -331,28 +309,6 @@ class _nullcontext:
         return False
 
 
-def step_optimizer(optimizer, scaler, finite, fused_skip):
-    """Apply the update unless the loss was non-finite, without a host sync where possible."""
-    if scaler is not None:
-        scaler.step(optimizer)  # GradScaler skips non-finite gradients itself
-        scaler.update()
-    elif fused_skip:
-        # fused AdamW reads `found_inf` and skips the update on the device when it is non-zero
-        optimizer.found_inf = (~finite).float()
-        optimizer.step()
-        optimizer.found_inf = None
-    elif bool(finite):  # other optimizers/devices: a host check
-        optimizer.step()
-
-
-def check_nonfinite(consecutive_bad, args):
-    bad = int(consecutive_bad.item())
-    if bad >= args.max_nonfinite:
-        raise StopTraining(f"the loss was non-finite for {bad} consecutive steps; stopping. The last "
-                           f"good checkpoint in {args.output_dir} is intact. Lower --blr, use --amp bf16 "
-                           "or --amp none, or check the data for corrupt images.")
-
-
 def log_progress(epoch, it, steps, mean_loss, images, start, lr, writer, args):
     elapsed = time.time() - start
     rate = images / max(elapsed, 1e-9)
@@ -407,13 +363,6 @@ def write_figure(model, dataset, norm, mean, std, epoch, args, writer):
 
 
 # ------------------------------------------------------------------------------ main
-def install_sigterm_handler(stop_flag):
-    """Schedulers send SIGTERM before pre-empting: finish the step, save, exit cleanly."""
-    def handler(signum, frame):
-        stop_flag["stop"] = True
-    signal.signal(signal.SIGTERM, handler)
-
-
 def main(args):
     du.init_distributed(args)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -492,16 +441,6 @@ def main(args):
     if writer is not None:
         writer.close()
     du.cleanup()
-
-
-def append_log(out_dir, log, writer, epoch):
-    with open(os.path.join(out_dir, "log.txt"), "a") as f:
-        f.write(json.dumps(log) + "\n")
-    print(json.dumps(log))
-    if writer is not None:
-        for key, value in log.items():
-            if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
-                writer.add_scalar(f"epoch/{key}", value, epoch)
 
 
 def cli(argv=None):

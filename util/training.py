@@ -1,0 +1,75 @@
+"""Training-loop helpers shared by main_pretrain.py and main_finetune.py.
+
+Mixed-precision choice, the optimizer step that skips non-finite losses without a host sync, the
+non-finite stop rule, per-epoch seeding for exact resume, SIGTERM handling and the JSON-lines log.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import torch
+
+from util import distributed as du
+
+
+def amp_dtype(args):
+    device = str(args.device)
+    if args.amp == "none" or (args.amp == "auto" and not device.startswith("cuda")):
+        return None
+    if args.amp == "fp16":
+        return torch.float16
+    if args.amp == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def epoch_seed(args, epoch: int) -> int:
+    """Seed of the data augmentation of one epoch on this rank: a resumed run draws the same crops."""
+    return int(np.random.SeedSequence([args.seed, du.get_rank(), epoch]).generate_state(1)[0])
+
+
+class StopTraining(RuntimeError):
+    pass
+
+
+def step_optimizer(optimizer, scaler, finite, fused_skip):
+    """Apply the update unless the loss was non-finite, without a host sync where possible."""
+    if scaler is not None:
+        scaler.step(optimizer)  # GradScaler skips non-finite gradients itself
+        scaler.update()
+    elif fused_skip:
+        # fused AdamW reads `found_inf` and skips the update on the device when it is non-zero
+        optimizer.found_inf = (~finite).float()
+        optimizer.step()
+        optimizer.found_inf = None
+    elif bool(finite):  # other optimizers/devices: a host check
+        optimizer.step()
+
+
+def check_nonfinite(consecutive_bad, args):
+    bad = int(consecutive_bad.item())
+    if bad >= args.max_nonfinite:
+        raise StopTraining(f"the loss was non-finite for {bad} consecutive steps; stopping. The last "
+                           f"good checkpoint in {args.output_dir} is intact. Lower --blr, use --amp bf16 "
+                           "or --amp none, or check the data for corrupt images.")
+
+
+def install_sigterm_handler(stop_flag):
+    """Schedulers send SIGTERM before pre-empting: finish the step, save, exit cleanly."""
+    def handler(signum, frame):
+        stop_flag["stop"] = True
+    signal.signal(signal.SIGTERM, handler)
+
+
+def append_log(out_dir, log, writer, epoch):
+    with open(os.path.join(out_dir, "log.txt"), "a") as f:
+        f.write(json.dumps(log) + "\n")
+    print(json.dumps(log))
+    if writer is not None:
+        for key, value in log.items():
+            if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+                writer.add_scalar(f"epoch/{key}", value, epoch)
