@@ -31,7 +31,7 @@ from util.lr_decay import param_groups
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.registry import pretrain_models
 from util.training import (StopTraining, amp_dtype, append_log, check_nonfinite, epoch_seed,
-                            install_sigterm_handler, step_optimizer)
+                            install_sigterm_handler, log_progress, step_optimizer)
 from util.visualize import panels_to_grid, reconstruction_panels, save_grid_png
 
 
@@ -307,19 +307,6 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
-
-
-def log_progress(epoch, it, steps, mean_loss, images, start, lr, writer, args):
-    elapsed = time.time() - start
-    rate = images / max(elapsed, 1e-9)
-    eta = (steps - it - 1) * elapsed / (it + 1)
-    mean_loss = mean_loss.item()
-    print(f"epoch {epoch} [{it + 1}/{steps}] loss {mean_loss:.4f} lr {lr:.3e} "
-          f"{rate:.1f} img/s eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
-    if writer is not None:
-        step = int((epoch + (it + 1) / steps) * 1000)
-        writer.add_scalar("train_loss", mean_loss, step)
-        writer.add_scalar("lr", lr, step)
 
 
 @torch.no_grad()

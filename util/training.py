@@ -9,6 +9,7 @@ import json
 import math
 import os
 import signal
+import time
 
 import numpy as np
 import torch
@@ -73,3 +74,16 @@ def append_log(out_dir, log, writer, epoch):
         for key, value in log.items():
             if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
                 writer.add_scalar(f"epoch/{key}", value, epoch)
+
+
+def log_progress(epoch, it, steps, mean_loss, images, start, lr, writer, args):
+    elapsed = time.time() - start
+    rate = images / max(elapsed, 1e-9)
+    eta = (steps - it - 1) * elapsed / (it + 1)
+    mean_loss = mean_loss.item()
+    print(f"epoch {epoch} [{it + 1}/{steps}] loss {mean_loss:.4f} lr {lr:.3e} "
+          f"{rate:.1f} img/s eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+    if writer is not None:
+        step = int((epoch + (it + 1) / steps) * 1000)
+        writer.add_scalar("train_loss", mean_loss, step)
+        writer.add_scalar("lr", lr, step)
