@@ -157,7 +157,12 @@ def _run(tasks: list[FileTask], workers: int):
     workers = min(workers, len(tasks))
     # Several files per message keep the pickling overhead small; small enough to keep the bar moving.
     chunk = max(1, min(16, len(tasks) // (workers * 8)))
-    with multiprocessing.Pool(workers, initializer=_init_worker) as pool:
+    # Never fork this process: OpenCV's (and torch's) thread pools, already running in a caller
+    # such as a test session, do not survive fork and the children can deadlock. A fork server
+    # (or spawn where it is unavailable) starts workers from a clean interpreter.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    with context.Pool(workers, initializer=_init_worker) as pool:
         yield from pool.imap_unordered(blur_file, tasks, chunksize=chunk)
 
 

@@ -1,0 +1,206 @@
+"""blurred_images.py: tree mirroring, formats, resume, corrupt files, refusals, DICOM, the published command."""
+import os
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+import blurred_images
+from util.blur import BlurSpec
+from util.image_io import read_image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RNG = np.random.default_rng(0)
+
+
+def save_png(path, img):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(img).save(path)
+
+
+def colour_image(h=32, w=40):
+    return RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def run(src, dst, *extra, workers=1):
+    args = blurred_images.get_args_parser().parse_args(
+        ["--src_dir", str(src), "--dst_dir", str(dst), "--workers", str(workers), *extra])
+    return blurred_images.main(args)
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, "blurred_images.py", *map(str, argv)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def relative_files(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/")
+                  for d, _, files in os.walk(folder) for f in files)
+
+
+def test_published_command_gives_opencv_grey_gaussian_of_every_image(tmp_path):
+    src, dst = tmp_path / "dataset_orig", tmp_path / "dataset_blurred"
+    for rel in ["train/benign/a.png", "train/malignant/b.png", "val/benign/c.png"]:
+        save_png(src / rel, colour_image())
+    result = run_cli("--src_dir", f"{src}/", "--dst_dir", f"{dst}/", "--method", "gaussian", "--sigma", "1.1")
+    assert result.returncode == 0, result.stderr
+    assert "written 3, skipped 0" in result.stdout
+    assert relative_files(dst) == relative_files(src)
+    for rel in relative_files(src):
+        # What the published script computed: OpenCV grey read, then GaussianBlur(sigma 1.1).
+        expected = cv2.GaussianBlur(cv2.imread(str(src / rel), cv2.IMREAD_GRAYSCALE), (0, 0), 1.1)
+        assert np.array_equal(cv2.imread(str(dst / rel), cv2.IMREAD_UNCHANGED), expected), rel
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_tree_is_mirrored_at_any_depth_and_non_images_ignored(tmp_path, depth):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    folder = "/".join(f"level{i}" for i in range(depth - 1))
+    images = [f"{folder}/x.png".lstrip("/"), f"{folder}/y.jpg".lstrip("/"), "top.png"]
+    for rel in images:
+        save_png(src / rel, colour_image())
+    for junk in ["notes.txt", ".DS_Store", "Thumbs.db", f"{folder}/.hidden.png".lstrip("/")]:
+        (src / junk).write_bytes(b"not an image")
+    summary = run(src, dst)
+    assert summary.written == 3 and not summary.failed
+    assert relative_files(dst) == sorted(images)
+    assert (dst / images[1]).read_bytes()[:2] == b"\xff\xd8"  # JPEG stays JPEG
+
+
+def test_exclude_skips_mask_folders_at_any_depth(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for rel in ["images/train/a.png", "masks/train/a.png", "sub/masks/b.png"]:
+        save_png(src / rel, colour_image())
+    run(src, dst, "--exclude", "masks")
+    assert relative_files(dst) == ["images/train/a.png"]
+
+
+def test_keep_channels_16bit_and_rgba_inputs(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    rgb = colour_image()
+    save_png(src / "rgb.png", rgb)
+    rgba = RNG.integers(0, 256, (32, 40, 4), dtype=np.uint8)
+    save_png(src / "rgba.png", rgba)
+    grey16 = RNG.integers(0, 65536, (32, 40), dtype=np.uint16)
+    cv2.imwrite(str(src / "grey16.png"), grey16)
+    cv2.imwrite(str(src / "grey16.tif"), grey16)
+
+    run(src, dst / "grey")
+    assert read_image(dst / "grey" / "rgb.png").ndim == 2
+    assert read_image(dst / "grey" / "rgba.png").shape == (32, 40)
+    for name in ["grey16.png", "grey16.tif"]:
+        out = read_image(dst / "grey" / name)
+        assert out.dtype == np.uint16
+        assert np.array_equal(out, cv2.GaussianBlur(grey16, (0, 0), 1.1))
+
+    run(src, dst / "colour", "--keep_channels")
+    assert np.array_equal(read_image(dst / "colour" / "rgb.png"), BlurSpec().apply(rgb))
+    assert np.array_equal(read_image(dst / "colour" / "rgba.png"), BlurSpec().apply(rgba[:, :, :3].copy()))
+
+
+def test_resume_skips_existing_outputs_and_overwrite_redoes_them(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for rel in ["a/1.png", "a/2.png", "b/3.png"]:
+        save_png(src / rel, colour_image())
+    first = run(src, dst)
+    assert (first.written, first.skipped) == (3, 0)
+
+    marker = np.zeros((4, 4), np.uint8)
+    save_png(dst / "a/1.png", marker)  # stands for an output from an earlier, interrupted run
+    (dst / "b/3.png").unlink()  # ...which never got to this one
+    second = run(src, dst)
+    assert (second.written, second.skipped) == (1, 2)
+    assert read_image(dst / "a/1.png").shape == (4, 4)  # left alone
+    assert read_image(dst / "b/3.png").shape == (32, 40)
+
+    third = run(src, dst, "--overwrite")
+    assert (third.written, third.skipped) == (3, 0)
+    assert read_image(dst / "a/1.png").shape == (32, 40)
+
+
+def test_corrupt_files_are_reported_by_name_skipped_and_fail_the_run(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    save_png(src / "ok/good.png", colour_image())
+    good = (src / "ok/good.png").read_bytes()
+    (src / "bad").mkdir()
+    (src / "bad/empty.png").write_bytes(b"")
+    (src / "bad/truncated.png").write_bytes(good[: len(good) // 2])
+    (src / "bad/random.jpg").write_bytes(RNG.bytes(3000))
+    result = run_cli("--src_dir", src, "--dst_dir", dst, "--workers", 2)
+    assert result.returncode == 1
+    assert "written 1, skipped 0 (already there), failed 3" in result.stdout
+    for name in ["empty.png", "truncated.png", "random.jpg"]:
+        assert str(src / "bad" / name) in result.stderr
+    assert relative_files(dst) == ["ok/good.png"]  # nothing half-written for the bad ones
+
+
+@pytest.mark.parametrize("inside", ["", "blurred", "a/b"])
+def test_refuses_to_write_into_the_source_tree(tmp_path, inside):
+    src = tmp_path / "src"
+    save_png(src / "a/x.png", colour_image())
+    with pytest.raises(blurred_images.UsageError, match="inside"):
+        run(src, src / inside)
+    assert relative_files(src) == ["a/x.png"]
+
+
+def test_refusal_and_missing_source_exit_with_status_2(tmp_path):
+    save_png(tmp_path / "src/x.png", colour_image())
+    refused = run_cli("--src_dir", tmp_path / "src", "--dst_dir", tmp_path / "src/out")
+    assert refused.returncode == 2 and "Choose a destination outside it" in refused.stderr
+    missing = run_cli("--src_dir", tmp_path / "nope", "--dst_dir", tmp_path / "dst")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    empty = run_cli("--src_dir", tmp_path / "empty", "--dst_dir", tmp_path / "dst")
+    assert empty.returncode == 2 and "no images found" in empty.stderr
+
+
+def test_parallel_run_matches_single_process_and_motion_uses_per_file_keys(tmp_path):
+    src = tmp_path / "src"
+    for i in range(12):
+        save_png(src / f"d{i % 3}/img{i}.png", colour_image())
+    run(src, tmp_path / "serial", "--method", "motion", "--seed", "5", workers=1)
+    run(src, tmp_path / "parallel", "--method", "motion", "--seed", "5", workers=2)
+    spec = BlurSpec("motion", seed=5)
+    for rel in relative_files(src):
+        serial, parallel = read_image(tmp_path / "serial" / rel), read_image(tmp_path / "parallel" / rel)
+        assert np.array_equal(serial, parallel)
+        # The on-the-fly pipeline blurs the same file identically when it passes the relative path.
+        grey = cv2.imread(str(src / rel), cv2.IMREAD_GRAYSCALE)
+        assert np.array_equal(serial, spec.apply(grey, key=rel))
+
+
+@pytest.mark.parametrize("method", ["mean", "median", "defocus", "srad"])
+def test_other_methods_run_from_the_command_line(tmp_path, method):
+    save_png(tmp_path / "src/x.png", colour_image())
+    summary = run(tmp_path / "src", tmp_path / "dst", "--method", method, "--kernel_size", "7",
+                  "--srad_iterations", "3")
+    grey = cv2.imread(str(tmp_path / "src/x.png"), cv2.IMREAD_GRAYSCALE)
+    expected = BlurSpec(method, kernel_size=7, srad_iterations=3).apply(grey)
+    assert summary.written == 1 and np.array_equal(read_image(tmp_path / "dst/x.png"), expected)
+
+
+def test_dicom_becomes_png_one_file_per_frame(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    cine = get_testdata_file("examples_ybr_color.dcm", download=False)
+    single = get_testdata_file("examples_rgb_color.dcm", download=False)
+    if cine is None or single is None:
+        pytest.skip("pydicom's bundled example files are missing from this installation")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "us").mkdir(parents=True)
+    shutil.copy(cine, src / "us/cine.dcm")
+    shutil.copy(single, src / "us/still.DCM")
+    summary = run(src, dst)
+    assert summary.written == 31 and not summary.failed
+    expected = sorted([f"us/cine_f{i:03d}.png" for i in range(30)] + ["us/still.png"])
+    assert relative_files(dst) == expected
+    frame = read_image(dst / "us/cine_f007.png")
+    assert frame.shape == (240, 320) and frame.dtype == np.uint8
+
+    (dst / "us/cine_f010.png").unlink()
+    resumed = run(src, dst)
+    assert (resumed.written, resumed.skipped) == (1, 30)
