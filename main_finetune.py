@@ -1,0 +1,704 @@
+"""Classification fine-tuning of ViT / ConvViT encoders, and evaluation (``--eval``).
+
+    python main_finetune.py --seed 0 --data_path /data/cls --output_dir out --model vit_base_patch16 \
+        --finetune pretrain.pth --blr 1e-4 --batch_size 256
+    python main_finetune.py --batch_size 256 --model vit_base_patch16 --data_path /data/cls \
+        --nb_classes 2 --output_dir results --resume out/checkpoint-best.pth --eval
+
+Data: ``data_path/{train,val,test}/<class>/*`` (util/cls_datasets.py). The model is selected on the
+validation split (``--select_metric``), training stops early after ``--early_stops`` epochs without
+improvement, and the test split is always evaluated with the best model at the end. Only
+``checkpoint-best.pth`` (weights) and ``checkpoint-last.pth`` (weights + optimizer, for resuming) are
+kept. Evaluation writes results.json / results.txt, predictions.csv and ROC / confusion-matrix PNGs
+(util/metrics.py); under torchrun every image is counted exactly once.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import time
+import warnings
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from util import distributed as du
+from util.blur import add_blur_arguments, blur_spec_from_args
+from util.checkpoint import (FIRST_CONV_KEYS, CheckpointError, extract_state_dict, load_checkpoint_file,
+                             load_weights, save_checkpoint)
+from util.cls_datasets import (RANDAUGMENT, SPLITS, ClassificationDataset, build_transform, collate_labelled,
+                               find_class_names, pixel_mean_std, resolve_class_names)
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD, DatasetError
+from util.lr_decay import param_groups
+from util.lr_sched import adjust_learning_rate, effective_lr
+from util.metrics import (METRIC_NAMES, evaluate_and_write, evaluate_predictions, format_results_table,
+                          gather_unique_predictions, resolve_pos_class)
+from util.registry import finetune_models
+from util.training import (StopTraining, amp_dtype, append_log, check_nonfinite, epoch_seed,
+                           install_sigterm_handler, log_progress, step_optimizer)
+
+# --select_metric choices (published names) -> util.metrics names
+SELECT_METRICS = {"acc": "accuracy", "auc": "auroc", "f1": "f1", "balanced_acc": "balanced_accuracy"}
+# The published script trains "forever" and relies on early stopping; its cosine schedule over
+# 10 million epochs is therefore flat after the warm-up. Kept so the published commands behave alike.
+PUBLISHED_EPOCHS = 10_000_000
+PRETRAINED_HEAD_KEYS = ("head.", "fc_norm.")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("Deblurring MIM classification fine-tuning", add_help=True)
+    p.add_argument("--batch_size", default=128, type=int, help="images per GPU per iteration")
+    p.add_argument("--epochs", default=PUBLISHED_EPOCHS, type=int,
+                   help="last epoch of the schedule (default as published: effectively until early stopping, "
+                        "with a flat lr after warm-up; set e.g. 100 for a real cosine decay)")
+    p.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
+    # model
+    p.add_argument("--model", default="convvit_base_patch16", type=str,
+                   help="vit_{base,large}_patch16, vit_huge_patch14, convvit_{base,large,huge}_patch16 "
+                        "(wrong names list the valid ones)")
+    p.add_argument("--input_size", default=None, type=int, nargs="+",
+                   help="input size: one number (square) or H W (default: the --resume checkpoint's, else 224)")
+    p.add_argument("--in_chans", default=None, type=int, choices=(1, 3),
+                   help="input channels (default: those of the --resume/--finetune checkpoint's first layer, else 3)")
+    p.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate")
+    p.add_argument("--global_pool", action="store_true", default=True,
+                   help="average-pool the patch tokens + fc_norm (default)")
+    p.add_argument("--cls_token", action="store_false", dest="global_pool",
+                   help="classify from the cls token (ViT) instead of global pooling")
+    # optimisation
+    p.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm (default: off)")
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * eff. batch / 256)")
+    p.add_argument("--blr", type=float, default=1e-3, help="base lr: lr = blr * effective batch / 256")
+    p.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay (1: none)")
+    p.add_argument("--min_lr", type=float, default=1e-6)
+    p.add_argument("--warmup_epochs", type=float, default=5)
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
+                   help="mixed precision (auto: bf16 on GPUs that support it, fp16 on older ones, none on CPU)")
+    p.add_argument("--max_nonfinite", type=int, default=20,
+                   help="stop after this many consecutive steps with a non-finite loss")
+    # augmentation (timm)
+    p.add_argument("--color_jitter", type=float, default=None, help="only used when --aa none")
+    p.add_argument("--aa", type=str, default=RANDAUGMENT, help="RandAugment policy ('none' to disable)")
+    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    p.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    p.add_argument("--remode", type=str, default="pixel", help="random erasing mode")
+    p.add_argument("--recount", type=int, default=1, help="random erasing count")
+    p.add_argument("--resplit", action="store_true", help=argparse.SUPPRESS)  # published; no effect there either
+    p.add_argument("--mixup", type=float, default=0, help="mixup alpha (enabled if > 0)")
+    p.add_argument("--cutmix", type=float, default=0, help="cutmix alpha (enabled if > 0)")
+    p.add_argument("--cutmix_minmax", type=float, nargs="+", default=None)
+    p.add_argument("--mixup_prob", type=float, default=1.0)
+    p.add_argument("--mixup_switch_prob", type=float, default=0.5)
+    p.add_argument("--mixup_mode", type=str, default="batch", choices=("batch", "pair", "elem"))
+    # checkpoints
+    p.add_argument("--finetune", default="", help="pretrained checkpoint to start from (head re-initialised)")
+    p.add_argument("--resume", default="", help="fine-tuned checkpoint: continue training, or evaluate with --eval")
+    p.add_argument("--auto_resume", action="store_true", help="resume from output_dir/checkpoint-last.pth if present")
+    p.add_argument("--start_epoch", default=0, type=int)
+    # data
+    p.add_argument("--data_path", default="", type=str, help="folder with train/, val/, test/ (one sub-folder per class)")
+    p.add_argument("--nb_classes", default=None, type=int, help="number of classes (default: the class folders)")
+    p.add_argument("--pos_class", default=None,
+                   help="positive class of the binary metrics, by name or index (default: class 1, the "
+                        "second folder alphabetically)")
+    add_blur_arguments(p, prefix="blur_", method_flag="--blur", default_method=None)
+    p.add_argument("--strict_data", action="store_true", help="stop at an unreadable image instead of skipping it")
+    p.add_argument("--data_mean", type=float, nargs="+", default=None)
+    p.add_argument("--data_std", type=float, nargs="+", default=None)
+    p.add_argument("--num_workers", default=10, type=int)
+    p.add_argument("--pin_mem", action="store_true", default=True)
+    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    # selection and evaluation
+    p.add_argument("--select_metric", default="acc", choices=tuple(SELECT_METRICS),
+                   help="validation metric that selects the best epoch (default acc, as published)")
+    p.add_argument("--early_stops", default=200, type=int, help="stop after this many epochs without improvement")
+    p.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
+    p.add_argument("--eval_split", default="test", choices=("val", "test"), help="split evaluated by --eval")
+    p.add_argument("--tta", action="store_true", help="average the probabilities of the image and its mirror")
+    p.add_argument("--n_boot", default=1000, type=int, help="bootstrap resamples for the 95%% CIs (0: none)")
+    p.add_argument("--dist_eval", action="store_true", help=argparse.SUPPRESS)  # evaluation is always distributed
+    # outputs
+    p.add_argument("--output_dir", "--output", default="./output_dir", type=str)
+    p.add_argument("--log_dir", default=None, type=str, help="TensorBoard folder (default: output_dir)")
+    p.add_argument("--print_freq", default=20, type=int, help="log every N iterations")
+    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    # accepted for compatibility with the published launch lines; torchrun's environment is used
+    p.add_argument("--world_size", default=1, type=int, help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", "--local-rank", default=-1, type=int, help=argparse.SUPPRESS)
+    p.add_argument("--dist_on_itp", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--dist_url", default="env://", help=argparse.SUPPRESS)
+    return p
+
+
+# ------------------------------------------------------------------------------ checkpoints in
+def recorded_args(ckpt) -> dict:
+    """The settings a checkpoint recorded: our plain dict, or the published argparse.Namespace."""
+    if ckpt is None:
+        return {}
+    saved = ckpt.get("args")
+    if isinstance(saved, argparse.Namespace):
+        return vars(saved)
+    return dict(saved) if isinstance(saved, dict) else {}
+
+
+def first_layer_channels(state: dict):
+    for key in FIRST_CONV_KEYS:
+        if key in state and state[key].ndim == 4:
+            return int(state[key].shape[1])
+    return None
+
+
+def resume_path(args) -> str:
+    if args.resume:
+        return args.resume
+    last = os.path.join(args.output_dir, "checkpoint-last.pth")
+    return last if args.auto_resume and os.path.isfile(last) else ""
+
+
+def resolve_model_inputs(args, source_ckpt, recorded: dict) -> None:
+    """Fill ``args.in_chans`` and ``args.input_size`` when not given: a fine-tuned checkpoint defines
+    them (a grey model must not silently get its first layer widened to 3 channels)."""
+    if args.in_chans is None:
+        state = extract_state_dict(source_ckpt) if source_ckpt is not None else {}
+        args.in_chans = first_layer_channels(state) or 3
+    if args.input_size is None:
+        size = recorded.get("input_size") if args.resume_path else None
+        args.input_size = [size] if isinstance(size, int) else list(size or [224])
+    if len(args.input_size) not in (1, 2):
+        raise SystemExit("--input_size takes one number (square) or two (H W)")
+
+
+def input_hw(args):
+    size = args.input_size
+    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+
+
+def warn_on_blur_change(args, recorded: dict) -> None:
+    """A model fine-tuned on blurred inputs evaluated on sharp ones (or vice versa) scores badly
+    without any error: say so."""
+    if "blur_method" in recorded and recorded.get("blur_method") != args.blur_method:
+        warnings.warn(f"the checkpoint was fine-tuned with --blur {recorded.get('blur_method')} but this run "
+                      f"uses --blur {args.blur_method}; pass the same blur settings (or a dataset blurred the "
+                      "same way) to evaluate it as trained")
+
+
+# ------------------------------------------------------------------------------ data
+def required_splits(args):
+    return (args.eval_split,) if args.eval else SPLITS
+
+
+def check_split_folders(args) -> None:
+    if not args.data_path or not os.path.isdir(args.data_path):
+        raise SystemExit(f"--data_path '{args.data_path}' is not a folder. Pass the dataset folder that holds "
+                         "train/, val/ and test/, each with one sub-folder per class.")
+    missing = [s for s in required_splits(args) if not os.path.isdir(os.path.join(args.data_path, s))]
+    if missing:
+        raise SystemExit(f"{args.data_path} has no {', '.join(missing)} folder(s). "
+                         f"{'--eval' if args.eval else 'Fine-tuning'} needs "
+                         f"{', '.join(os.path.join(args.data_path, s) for s in required_splits(args))}, "
+                         "each with one sub-folder per class.")
+
+
+def build_datasets(args, class_names):
+    """Datasets of the required splits, without transforms yet (normalisation may need the data)."""
+    blur = blur_spec_from_args(args, prefix="blur_")
+    return {split: ClassificationDataset(args.data_path, split, class_names, blur=blur, in_chans=args.in_chans,
+                                         strict=args.strict_data)
+            for split in required_splits(args)}
+
+
+def normalisation(args, datasets, recorded: dict):
+    """Mean/std: given > recorded by the checkpoint > measured on the training images (grey inputs)
+    > ImageNet (the published 3-channel checkpoints)."""
+    c = args.in_chans
+    if args.data_mean is not None and args.data_std is not None:
+        mean, std = args.data_mean, args.data_std
+    elif len(recorded.get("data_mean") or []) == c and len(recorded.get("data_std") or []) == c:
+        mean, std = recorded["data_mean"], recorded["data_std"]
+    elif c == 1:
+        if "train" not in datasets:
+            raise SystemExit("--in_chans 1 needs the normalisation of training: the checkpoint does not record "
+                             "it; pass --data_mean M --data_std S")
+        mean, std = pixel_mean_std(datasets["train"], seed=args.seed)
+        print(f"training-image mean {mean[0]:.4f}, std {std[0]:.4f}")
+    else:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if len(mean) != c or len(std) != c:
+        raise SystemExit(f"--data_mean/--data_std need {c} values each (one per input channel)")
+    return [float(m) for m in mean], [float(s) for s in std]
+
+
+def attach_transforms(datasets, args, mean, std) -> None:
+    for split, dataset in datasets.items():
+        dataset.transform = build_transform(
+            split == "train", input_hw(args), args.in_chans, mean, std,
+            auto_augment=None if args.aa.lower() == "none" else args.aa, re_prob=args.reprob,
+            re_mode=args.remode, re_count=args.recount, color_jitter=args.color_jitter)
+
+
+def make_loader(dataset, args, train: bool):
+    # Evaluation shards too: DistributedSampler pads with repeats, which the gathering removes.
+    sampler = DistributedSampler(dataset, num_replicas=du.get_world_size(), rank=du.get_rank(),
+                                 shuffle=train, seed=args.seed, drop_last=False)
+    generator = torch.Generator().manual_seed(args.seed + du.get_rank())
+    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+                        pin_memory=args.pin_mem and str(args.device).startswith("cuda"), drop_last=train,
+                        collate_fn=collate_labelled, generator=generator, persistent_workers=False)
+    if train and len(loader) == 0:
+        raise SystemExit(f"{dataset.split_root}: {len(dataset)} training images make no full batch of "
+                         f"--batch_size {args.batch_size} per process x {du.get_world_size()} processes; "
+                         "lower --batch_size.")
+    return loader
+
+
+def start_epoch_data(loader, epoch: int, args) -> None:
+    """Every random draw of an epoch (shuffle, augmentation in workers or here, mixup, drop path)
+    follows from (seed, rank, epoch), so a resumed run continues as an uninterrupted one."""
+    loader.sampler.set_epoch(epoch)
+    seed = epoch_seed(args, epoch)
+    loader.generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed + 1)
+
+
+def describe_data(datasets, class_names, pos_class, args) -> None:
+    blur = blur_spec_from_args(args, prefix="blur_")
+    print(f"classes {class_names}; positive class for binary metrics: '{class_names[pos_class]}'; "
+          f"input blur: {blur.describe() if blur else 'none'}")
+    for split, dataset in datasets.items():
+        counts = ", ".join(f"{k} {v}" for k, v in dataset.class_counts().items())
+        print(f"{split}: {len(dataset)} images ({counts})")
+
+
+# ------------------------------------------------------------------------------ model
+def build_model(args):
+    registry = finetune_models()
+    if args.model not in registry:
+        raise SystemExit(f"unknown --model '{args.model}'. Valid names: {', '.join(registry.names())}")
+    try:
+        return registry.create(args.model, img_size=input_hw(args), in_chans=args.in_chans,
+                               num_classes=args.nb_classes, drop_path_rate=args.drop_path,
+                               global_pool=args.global_pool)
+    except ValueError as err:
+        raise SystemExit(f"--model {args.model} --input_size {' '.join(map(str, args.input_size))}: {err}")
+
+
+def load_pretrained(model, path: str):
+    """``--finetune``: only the classifier (head, fc_norm) may be missing; a head of another class
+    count is dropped; decoders and other pretraining-only weights are reported and ignored."""
+    report = load_weights(model, path, allowed_missing=PRETRAINED_HEAD_KEYS, allow_unexpected=True,
+                          drop_mismatched=("head.",))
+    if not any(k.startswith("head.") for k in report.loaded):
+        # MAE's head initialisation: tiny weights, so the pretrained features dominate at first
+        from timm.layers import trunc_normal_
+        trunc_normal_(model.head.weight, std=2e-5)
+        torch.nn.init.zeros_(model.head.bias)
+    return report
+
+
+def check_head(state: dict, nb_classes: int, class_names, path: str) -> None:
+    head = state.get("head.weight")
+    if head is not None and head.shape[0] != nb_classes:
+        raise CheckpointError(
+            f"{path} has a {head.shape[0]}-class head but the data has {nb_classes} classes ({', '.join(class_names)}). "
+            f"--resume/--eval need a checkpoint fine-tuned on these classes; to train a new head from it, "
+            f"pass it to --finetune instead.")
+
+
+def load_finetuned(model, path: str, ckpt: dict, args, class_names):
+    """``--resume`` / ``--eval``: the fine-tuned weights must match the model exactly."""
+    check_head(extract_state_dict(ckpt, path), args.nb_classes, class_names, path)
+    report = load_weights(model, path, allowed_missing=(), allow_unexpected=False)
+    if report.adapted:
+        raise CheckpointError(f"{path} was fine-tuned with another number of input channels "
+                              f"({report.adapted[0]}); leave out --in_chans or pass the checkpoint's.")
+    return report
+
+
+def build_optimizer(model, args):
+    groups = param_groups(model, args.weight_decay, layer_decay=args.layer_decay)
+    fused = str(args.device).split(":")[0] in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=args.lr, fused=fused)
+
+
+def build_mixup(args):
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        return None
+    from timm.data import Mixup
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=args.nb_classes)
+
+
+def build_criterion(args, mixup_fn):
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    if mixup_fn is not None:
+        return SoftTargetCrossEntropy()  # mixup makes soft targets and applies the smoothing itself
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+# ------------------------------------------------------------------------------ training
+def autocast(args):
+    dtype = amp_dtype(args)
+    return torch.autocast(device_type=str(args.device).split(":")[0], dtype=dtype or torch.float32,
+                          enabled=dtype is not None)
+
+
+def mix_batch(mixup_fn, images, labels):
+    """timm's Mixup needs an even batch: the odd sample out (after skipped files) waits an epoch."""
+    even = images.shape[0] - images.shape[0] % 2
+    return mixup_fn(images[:even], labels[:even])
+
+
+def train_one_epoch(model, loader, optimizer, scaler, criterion, mixup_fn, epoch, args, writer, stop_flag):
+    model.train()
+    device = args.device
+    steps = len(loader)
+    # Running totals stay on the device; they are read (one sync) only at log intervals.
+    loss_sum = torch.zeros((), device=device)
+    finite_steps = torch.zeros((), device=device)
+    consecutive_bad = torch.zeros((), device=device)
+    window_finite = torch.ones((), dtype=torch.bool, device=device)
+    images_seen, skipped, start, lr = 0, 0, time.time(), 0.0
+    fused_skip = bool(optimizer.defaults.get("fused")) and scaler is None
+    interrupted = False
+    optimizer.zero_grad(set_to_none=True)
+    for it, (images, labels, _, n_bad) in enumerate(loader):
+        skipped += n_bad
+        if it % args.accum_iter == 0:
+            lr = adjust_learning_rate(optimizer, epoch + it / steps, args)
+        update = (it + 1) % args.accum_iter == 0
+        if images is not None:
+            images = images.to(device, non_blocking=True)
+            targets = labels.to(device, non_blocking=True)
+            if mixup_fn is not None:
+                images, targets = mix_batch(mixup_fn, images, targets)
+        if images is None or images.shape[0] == 0:
+            continue
+        with autocast(args):
+            logits = model(images)
+        loss = criterion(logits.float(), targets)  # the loss in fp32 whatever the autocast dtype
+        finite = torch.isfinite(loss.detach())
+        # an update is skipped if any micro-batch of its accumulation window was non-finite
+        window_finite &= finite
+        finite_steps += finite.float()
+        consecutive_bad = (consecutive_bad + 1) * (~finite).float()
+        loss_sum += torch.where(finite, loss.detach(), torch.zeros_like(loss.detach()))
+        sync = model.no_sync() if (args.distributed and not update) else contextlib.nullcontext()
+        with sync:
+            (scaler.scale(loss / args.accum_iter) if scaler is not None else loss / args.accum_iter).backward()
+        if update:
+            clip_gradients(model, optimizer, scaler, args.clip_grad)
+            step_optimizer(optimizer, scaler, window_finite, fused_skip)
+            optimizer.zero_grad(set_to_none=True)
+            window_finite = torch.ones((), dtype=torch.bool, device=device)
+        images_seen += images.shape[0]
+        if (it + 1) % args.print_freq == 0 or it + 1 == steps:
+            check_nonfinite(consecutive_bad, args)
+            log_progress(epoch, it, steps, loss_sum / finite_steps.clamp_min(1), images_seen, start, lr, writer, args)
+        if stop_flag.get("stop"):
+            interrupted = it + 1 < steps
+            break
+    totals = torch.stack([loss_sum, finite_steps, torch.tensor(float(skipped), device=device)])
+    du.all_reduce_sum(totals)
+    loss_total, good_steps, skipped_total = totals.tolist()
+    return {"loss": loss_total / max(good_steps, 1), "lr": lr, "skipped_files": int(skipped_total),
+            "images_per_sec": images_seen * du.get_world_size() / max(time.time() - start, 1e-9),
+            "interrupted": interrupted}
+
+
+def clip_gradients(model, optimizer, scaler, max_norm):
+    if not max_norm:
+        return
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+    # returns the norm as a device tensor: no host sync here
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+# ------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def class_probabilities(model, images, args):
+    with autocast(args):
+        logits = model(images)
+        flipped = model(images.flip(-1)) if args.tta else None
+    probs = logits.float().softmax(-1)
+    if flipped is not None:
+        probs = (probs + flipped.float().softmax(-1)) / 2
+    return probs
+
+
+@torch.no_grad()
+def predict(model, loader, args):
+    """(indices, labels, probs) of the whole split, each image once, on every rank; unreadable count."""
+    model.eval()
+    indices, labels, probs, skipped = [], [], [], 0
+    for images, batch_labels, batch_indices, n_bad in loader:
+        skipped += n_bad
+        if images is None:
+            continue
+        probs.append(class_probabilities(model, images.to(args.device, non_blocking=True), args))
+        labels.append(batch_labels)
+        indices.append(batch_indices)
+    probs = torch.cat(probs).cpu() if probs else torch.zeros(0, args.nb_classes)
+    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
+    indices = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int64)
+    bad = du.all_reduce_sum(torch.tensor([float(skipped)], device=args.device)).item()
+    dataset_size = None if bad else len(loader.dataset)  # without skips: check every image came back once
+    idx, lab, prob = gather_unique_predictions(indices, labels, probs, dataset_size=dataset_size)
+    if len(idx) == 0:
+        raise DatasetError(f"no image of {loader.dataset.split_root} could be read")
+    if bad:
+        print(f"warning: {int(bad)} unreadable image(s) of {loader.dataset.split_root} are not in its metrics "
+              "(named in the warnings above); --strict_data stops instead")
+    return idx, lab, prob, int(bad)
+
+
+def validation_log(labels, probs, class_names, pos_class) -> dict:
+    """Per-epoch validation: the point metrics (no bootstrap) and the cross-entropy."""
+    results = evaluate_predictions(labels, probs, class_names, pos_class, n_boot=0)
+    nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean()
+    log = {"val_loss": float(nll)}
+    log.update({f"val_{name}": results["metrics"][name]["value"] for name in METRIC_NAMES})
+    return log
+
+
+def evaluate_and_report(model, loader, split, args, class_names, pos_class):
+    """Full evaluation of one split: every output file on the main process; the results dict."""
+    idx, labels, probs, _ = predict(model, loader, args)
+    if not du.is_main_process():
+        return None
+    files = [loader.dataset.sample_name(int(i)) for i in idx]
+    results = evaluate_and_write(args.output_dir, split, files, labels, probs, class_names, pos_class,
+                                 n_boot=args.n_boot, seed=args.seed)
+    print(format_results_table(results, split))
+    return results
+
+
+# ------------------------------------------------------------------------------ checkpoints out
+def plain_args(args) -> dict:
+    """Settings recorded in checkpoints (plain types only: loadable with weights_only=True)."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+
+
+def save_last(model, optimizer, scaler, epoch, best, args) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+             "scaler": scaler.state_dict() if scaler is not None else None, "best": best, "args": plain_args(args)}
+    save_checkpoint(state, os.path.join(args.output_dir, "checkpoint-last.pth"))
+
+
+def save_best(model, epoch, best, args) -> None:
+    # weights only: it is the model to evaluate or deploy; checkpoint-last.pth resumes training
+    state = {"model": model.state_dict(), "epoch": epoch, "best": best, "args": plain_args(args)}
+    save_checkpoint(state, os.path.join(args.output_dir, "checkpoint-best.pth"))
+
+
+def restore_training_state(ckpt, path, optimizer, scaler, args) -> dict:
+    """Optimizer, epoch and early-stopping state of a --resume checkpoint; returns the best-so-far."""
+    if "optimizer" not in ckpt or "epoch" not in ckpt:
+        print(f"{path} holds weights only: training starts at epoch {args.start_epoch} with a fresh optimizer")
+        return {}
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError):
+        warnings.warn(f"{path}: its optimizer state has another parameter grouping (e.g. a published "
+                      "checkpoint, made without layer decay); continuing with a fresh optimizer")
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    args.start_epoch = int(ckpt["epoch"]) + 1
+    best = dict(ckpt.get("best") or {})
+    if best and best.get("metric") != SELECT_METRICS[args.select_metric]:
+        warnings.warn(f"{path} selected on {best.get('metric')}; this run selects on "
+                      f"{SELECT_METRICS[args.select_metric]}: the best epoch is chosen afresh")
+        best = {}
+    print(f"resuming at epoch {args.start_epoch} from {path}" + (f" (best so far: epoch {best['epoch']}, "
+                                                                  f"{best['metric']} {best['value']:.4f})" if best else ""))
+    return best
+
+
+def is_improvement(value: float, best: dict) -> bool:
+    """The first epoch is always the best so far; later ones must be strictly better. An undefined
+    (NaN) value -- e.g. AUROC on a one-class split -- never beats a defined one."""
+    if not best:
+        return True
+    if np.isnan(best["value"]):
+        return not np.isnan(value)
+    return value > best["value"]
+
+
+# ------------------------------------------------------------------------------ main
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def prepare(args):
+    """Everything both modes need: data, classes, model with its weights. Returns
+    (model, datasets, class_names, pos_class, resume checkpoint or None)."""
+    check_split_folders(args)
+    args.resume_path = resume_path(args)
+    if args.eval and not args.resume_path:
+        raise SystemExit("--eval evaluates a fine-tuned model: pass it with --resume /path/to/checkpoint.pth")
+    if args.finetune and args.resume_path:
+        print(f"--resume {args.resume_path} given: --finetune {args.finetune} is not loaded")
+    resume_ckpt = load_checkpoint_file(args.resume_path) if args.resume_path else None
+    finetune_ckpt = load_checkpoint_file(args.finetune) if args.finetune and not resume_ckpt else None
+    recorded = recorded_args(resume_ckpt or finetune_ckpt)
+    resolve_model_inputs(args, resume_ckpt or finetune_ckpt, recorded)
+    if resume_ckpt is not None:
+        warn_on_blur_change(args, recorded)
+    found = find_class_names(args.data_path, SPLITS)
+    class_names = resolve_class_names(found, recorded.get("class_names") if resume_ckpt else None,
+                                      args.nb_classes, args.data_path)
+    args.nb_classes, args.class_names = len(class_names), class_names
+    try:
+        pos_class = resolve_pos_class(args.pos_class if args.pos_class is not None else 1, class_names)
+    except ValueError as err:
+        raise SystemExit(str(err))
+    datasets = build_datasets(args, class_names)
+    args.data_mean, args.data_std = normalisation(args, datasets, recorded)
+    attach_transforms(datasets, args, args.data_mean, args.data_std)
+    describe_data(datasets, class_names, pos_class, args)
+
+    model = build_model(args)
+    if resume_ckpt is not None:
+        print(load_finetuned(model, args.resume_path, resume_ckpt, args, class_names))
+    elif args.finetune:
+        print(load_pretrained(model, args.finetune))
+    else:
+        warnings.warn("no --finetune checkpoint: training from random initialisation")
+    del finetune_ckpt
+    return model.to(args.device), datasets, class_names, pos_class, resume_ckpt
+
+
+def run_evaluation(model, datasets, class_names, pos_class, args) -> None:
+    split = args.eval_split
+    loader = make_loader(datasets[split], args, train=False)
+    evaluate_and_report(model, loader, split, args, class_names, pos_class)
+    if du.is_main_process():
+        print(f"results written to {os.path.join(args.output_dir, 'results.json')} (and .txt, predictions, figures)")
+
+
+def run_training(model, datasets, class_names, pos_class, resume_ckpt, args) -> None:
+    args.lr = effective_lr(args, du.get_world_size())
+    train_loader = make_loader(datasets["train"], args, train=True)
+    val_loader = make_loader(datasets["val"], args, train=False)
+    dtype = amp_dtype(args)
+    scaler = torch.amp.GradScaler(str(args.device).split(":")[0]) if dtype == torch.float16 else None
+    optimizer = build_optimizer(model, args)
+    best = restore_training_state(resume_ckpt, args.resume_path, optimizer, scaler, args) if resume_ckpt else {}
+    del resume_ckpt
+    mixup_fn = build_mixup(args)
+    criterion = build_criterion(args, mixup_fn)
+    metric = SELECT_METRICS[args.select_metric]
+
+    train_model = model
+    if args.distributed:
+        device_ids = [args.local_rank] if str(args.device).startswith("cuda") else None
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    writer = None
+    if du.is_main_process():
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(log_dir=args.log_dir or args.output_dir)
+    print(f"model {args.model}, lr {args.lr:.3e} (layer decay {args.layer_decay}, weight decay "
+          f"{args.weight_decay}), effective batch {args.batch_size * args.accum_iter * du.get_world_size()}, "
+          f"amp {dtype}, device {args.device}; selecting on val {metric}, early stop after "
+          f"{args.early_stops} epochs without improvement")
+
+    stop_flag = {}
+    install_sigterm_handler(stop_flag)
+    finished = True
+    for epoch in range(args.start_epoch, args.epochs):
+        if best and epoch - best["epoch"] > args.early_stops:
+            break  # a resumed run that had already stopped early
+        start_epoch_data(train_loader, epoch, args)
+        try:
+            stats = train_one_epoch(train_model, train_loader, optimizer, scaler, criterion, mixup_fn, epoch,
+                                    args, writer, stop_flag)
+        except StopTraining as err:
+            raise SystemExit(str(err))
+        if stats.pop("interrupted"):
+            # a partial epoch: labelled as the previous one, so a resume runs this epoch again
+            if du.is_main_process():
+                save_last(model, optimizer, scaler, epoch - 1, best, args)
+            print(f"SIGTERM received during epoch {epoch}: saved checkpoint-last.pth; exiting", flush=True)
+            finished = False
+            break
+        _, labels, probs, _ = predict(model, val_loader, args)
+        log = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
+               **validation_log(labels, probs, class_names, pos_class)}
+        if is_improvement(log[f"val_{metric}"], best):
+            best = {"epoch": epoch, "metric": metric, "value": log[f"val_{metric}"]}
+            if du.is_main_process():
+                save_best(model, epoch, best, args)
+        log.update(best_epoch=best["epoch"], **{f"best_val_{metric}": best["value"]})
+        if du.is_main_process():
+            save_last(model, optimizer, scaler, epoch, best, args)
+            append_log(args.output_dir, log, writer, epoch)
+        if stop_flag.get("stop"):
+            print(f"SIGTERM received: checkpoint of epoch {epoch} saved; exiting", flush=True)
+            finished = False
+            break
+        if epoch - best["epoch"] >= args.early_stops:
+            print(f"early stop: no better val {metric} for {args.early_stops} epochs since epoch {best['epoch']}")
+            break
+    if writer is not None:
+        writer.close()
+    if finished:
+        evaluate_best(model, datasets, class_names, pos_class, best, args)
+
+
+def evaluate_best(model, datasets, class_names, pos_class, best, args) -> None:
+    """Validation and test splits with the best checkpoint (always, however training ended)."""
+    du.barrier()  # the main process has finished writing checkpoint-best.pth
+    path = os.path.join(args.output_dir, "checkpoint-best.pth")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} is missing on this node: --output_dir must be on a file system that every "
+                         "process can read")
+    load_weights(model, path, allowed_missing=(), allow_unexpected=False)
+    print(f"evaluating the best model (epoch {best.get('epoch')}) on val and test")
+    summary = {"best_epoch": best.get("epoch"), "select_metric": best.get("metric")}
+    for split in ("val", "test"):
+        results = evaluate_and_report(model, make_loader(datasets[split], args, train=False), split, args,
+                                      class_names, pos_class)
+        if results is not None:
+            summary.update({f"{split}_{k}": m["value"] for k, m in results["metrics"].items()})
+    if du.is_main_process():
+        append_log(args.output_dir, summary, None, 0)
+
+
+def main(args):
+    du.init_distributed(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    seed_everything(args.seed + du.get_rank())
+    if str(args.device).startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+    try:
+        model, datasets, class_names, pos_class, resume_ckpt = prepare(args)
+        if args.eval:
+            run_evaluation(model, datasets, class_names, pos_class, args)
+        else:
+            run_training(model, datasets, class_names, pos_class, resume_ckpt, args)
+    finally:
+        du.cleanup()
+
+
+def cli(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        main(args)
+    except (DatasetError, CheckpointError) as err:
+        raise SystemExit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    cli()

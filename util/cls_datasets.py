@@ -1,0 +1,208 @@
+"""Classification data: ``root/{train,val,test}/<class>/...`` read with the shared image readers.
+
+* Classes are the sub-folders of the split folders, in alphabetical order (as torchvision's
+  ``ImageFolder``), taken over all splits present so that a split missing one class keeps the same
+  class indices. Images may sit at any depth below their class folder; a multi-frame DICOM gives one
+  sample per frame.
+* Pixels: the file is read as grey or RGB, 8 or 16 bit (``util.image_io``); ``blur`` (the deblurring
+  arms) is applied to the grey image at its native bit depth, with the same key as
+  ``blurred_images.py`` uses for that file, so on-the-fly and offline blurring give the same input.
+  The image is then reduced to 8 bits, because timm's RandAugment operates on 8-bit PIL images; the
+  evaluation transform gets the same 8-bit image so training and evaluation see identical pixels.
+* Transforms: timm's ``create_transform`` -- RandomResizedCrop (bicubic), flip, RandAugment, random
+  erasing for training; resize + centre crop for evaluation (the published rule: crop 224/256 up to
+  224 px, no crop above).
+* A file that cannot be decoded yields ``None`` (dropped and counted by ``collate_labelled``, with a
+  warning naming the file) unless ``strict`` is set, in which case the error stops the run.
+
+Samples are ``(image tensor, label, index)``; the index lets distributed evaluation count every
+sample once although ``DistributedSampler`` pads the last batch with repeats.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from util.blur import BlurSpec, blur_key
+from util.datasets import DatasetError, dataset_mean_std, index_items, to_channels, to_unit_tensor
+from util.image_io import UnreadableImageError, is_image_file, read_image, to_grey
+
+SPLITS = ("train", "val", "test")
+RANDAUGMENT = "rand-m9-mstd0.5-inc1"
+
+
+# ------------------------------------------------------------------------------ classes
+def class_folders(split_root: str) -> List[str]:
+    """Visible sub-folders of one split folder; images lying directly in it are an error, because
+    they have no class."""
+    entries = sorted(os.listdir(split_root))
+    loose = [e for e in entries if os.path.isfile(os.path.join(split_root, e)) and is_image_file(e)]
+    if loose:
+        raise DatasetError(f"{split_root} holds images outside class folders (e.g. {', '.join(loose[:3])}). "
+                           f"Put every image in {split_root}/<class name>/, e.g. benign/ and malignant/.")
+    return [e for e in entries if not e.startswith(".") and os.path.isdir(os.path.join(split_root, e))]
+
+
+def find_class_names(root: str, splits: Sequence[str]) -> List[str]:
+    """Alphabetical union of the class folders of ``splits`` below ``root``."""
+    names = set()
+    for split in splits:
+        folder = os.path.join(root, split)
+        if os.path.isdir(folder):
+            names.update(class_folders(folder))
+    return sorted(names)
+
+
+def resolve_class_names(found: Sequence[str], recorded: Optional[Sequence[str]], nb_classes: Optional[int],
+                        root: str) -> List[str]:
+    """The class list to use: the one a fine-tuned checkpoint recorded (the folders must be among
+    them), else the folders found; ``--nb_classes`` must agree with it."""
+    if recorded:
+        unknown = sorted(set(found) - set(recorded))
+        if unknown:
+            raise DatasetError(f"{root} has class folders {unknown} that the checkpoint was not trained on "
+                               f"(its classes: {list(recorded)}). Rename the folders or use the matching "
+                               "checkpoint.")
+        names = list(recorded)
+    else:
+        names = list(found)
+    if len(names) < 2:
+        raise DatasetError(f"{root}: found {len(names)} class folder(s) {names}; classification needs at "
+                           "least two, as train/<class>/, val/<class>/ and test/<class>/ sub-folders.")
+    if nb_classes is not None and nb_classes != len(names):
+        raise DatasetError(f"--nb_classes {nb_classes} but {root} has {len(names)} classes ({', '.join(names)}). "
+                           f"Pass --nb_classes {len(names)} or leave it out (it defaults to the number of "
+                           "class folders).")
+    return names
+
+
+# ------------------------------------------------------------------------------ pixels
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """uint16 -> uint8 with rounding (65535 -> 255); uint8 unchanged."""
+    if img.dtype == np.uint8:
+        return img
+    return ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def to_pil(img: np.ndarray) -> Image.Image:
+    """H x W x 1 -> mode L, H x W x 3 -> RGB."""
+    return Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img)
+
+
+# ------------------------------------------------------------------------------ transforms
+def eval_crop_pct(size: Tuple[int, int]) -> float:
+    """The published evaluation crop: resize to size / 0.875 then centre-crop, up to 224 px; above,
+    resize to the size itself."""
+    return 224 / 256 if max(size) <= 224 else 1.0
+
+
+def build_transform(train: bool, size: Tuple[int, int], in_chans: int, mean: Sequence[float],
+                    std: Sequence[float], *, auto_augment: Optional[str] = RANDAUGMENT, re_prob: float = 0.25,
+                    re_mode: str = "pixel", re_count: int = 1, color_jitter: Optional[float] = None):
+    from timm.data import create_transform
+    common = dict(input_size=(in_chans, *size), interpolation="bicubic", mean=tuple(mean), std=tuple(std))
+    if train:
+        return create_transform(is_training=True, auto_augment=auto_augment or None, color_jitter=color_jitter,
+                                re_prob=re_prob, re_mode=re_mode, re_count=re_count, **common)
+    return create_transform(is_training=False, crop_pct=eval_crop_pct(size), **common)
+
+
+# ------------------------------------------------------------------------------ dataset
+class ClassificationDataset(Dataset):
+    def __init__(self, root: str, split: str, class_names: Sequence[str], transform=None, *,
+                 blur: Optional[BlurSpec] = None, in_chans: int = 3, strict: bool = False):
+        self.root, self.split = root, split
+        self.split_root = os.path.join(root, split)
+        self.class_names = list(class_names)
+        self.transform, self.blur, self.in_chans, self.strict = transform, blur, in_chans, strict
+        self.samples = self._index()
+        if not self.samples:
+            raise DatasetError(f"no images found in {self.split_root}/<class>/. Expected image files (PNG, "
+                               "JPEG, TIFF, BMP, DICOM, ...) in one sub-folder per class; check --data_path.")
+
+    def _index(self) -> List[Tuple[str, int, int, int]]:
+        """(path relative to the split folder, frame, frame count, label) for every sample."""
+        samples = []
+        for label, name in enumerate(self.class_names):
+            folder = os.path.join(self.split_root, name)
+            if os.path.isdir(folder):
+                samples.extend((f"{name}/{rel}", frame, frames, label) for rel, frame, frames in index_items(folder))
+        return samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> List[int]:
+        return [s[3] for s in self.samples]
+
+    def sample_name(self, index: int) -> str:
+        """How predictions.csv names a sample: its path below the split, ``#frame`` for cine frames."""
+        rel, frame, frames, _ = self.samples[index]
+        return f"{rel}#{frame}" if frames > 1 else rel
+
+    def class_counts(self) -> Dict[str, int]:
+        counts = np.bincount(self.labels, minlength=len(self.class_names))
+        return {name: int(c) for name, c in zip(self.class_names, counts)}
+
+    def load_pixels(self, index: int) -> np.ndarray:
+        """The model's input before the transform: H x W x in_chans uint8 (blurred when asked)."""
+        rel, frame, frames, _ = self.samples[index]
+        image = read_image(os.path.join(self.split_root, rel), frame)
+        if self.blur is not None:
+            # key relative to the dataset root, as blurred_images.py run on that root would use
+            key = blur_key(f"{self.split}/{rel}", frame if frames > 1 else None)
+            image = self.blur.apply(to_grey(image), key=key)
+        return to_uint8(to_channels(image, self.in_chans))
+
+    def __getitem__(self, index: int):
+        try:
+            pixels = self.load_pixels(index)
+        except UnreadableImageError as err:
+            if self.strict:
+                raise
+            warnings.warn(f"skipping {err.path}: {err.reason} (use --strict_data to stop instead)")
+            return None
+        label = self.samples[index][3]
+        if self.transform is None:
+            return to_unit_tensor(pixels), label, index
+        return self.transform(to_pil(pixels)), label, index
+
+
+class _UnitTensorView(Dataset):
+    """The un-normalised [0, 1] inputs of a dataset, for ``dataset_mean_std``."""
+
+    def __init__(self, dataset: ClassificationDataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return (to_unit_tensor(self.dataset.load_pixels(index)),)
+        except UnreadableImageError:
+            return None
+
+
+def pixel_mean_std(dataset: ClassificationDataset, seed: int = 0):
+    """Per-channel mean and std of the model inputs (after blur), over up to 2000 images."""
+    return dataset_mean_std(_UnitTensorView(dataset), seed=seed)
+
+
+def collate_labelled(batch: Sequence):
+    """``(images, labels, indices, number of unreadable files)``; images None when all were bad."""
+    good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return None, None, None, skipped
+    images = torch.stack([b[0] for b in good])
+    labels = torch.tensor([b[1] for b in good], dtype=torch.int64)
+    indices = torch.tensor([b[2] for b in good], dtype=torch.int64)
+    return images, labels, indices, skipped
