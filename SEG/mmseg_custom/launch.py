@@ -1,0 +1,153 @@
+"""What SEG/tools/train.py and test.py share: command-line spellings, and fitting a config to
+the command line and to the machine.
+
+* mmseg 0.x spellings keep working: ``--options`` = ``--cfg-options``, ``--local_rank`` =
+  ``--local-rank`` (old ``torch.distributed.launch``), ``--eval`` (test.py).
+* ``data_root`` given on the command line reaches every split: mmengine resolves a base config's
+  ``data_root`` into each dataset when the file is read, so overriding only the top-level key
+  would change nothing.
+* Without a GPU the same config runs: AmpOptimWrapper (which asserts a GPU) becomes OptimWrapper,
+  SyncBN becomes BN, distributed runs use gloo and an unpinned DDP wrapper. On a GPU without
+  bf16 support, bf16 autocast becomes fp16 with loss scaling.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import os.path as osp
+from typing import Iterable, List, Tuple
+
+import torch
+import torch.distributed as dist
+from mmengine.config import Config, ConfigDict, DictAction
+
+LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
+IOU_METRICS = ('mIoU', 'mDice', 'mFscore')
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--work-dir', '--work_dir', dest='work_dir',
+                        help='folder for logs, checkpoints, TensorBoard events and metrics '
+                             '(default: ./work_dirs/<config name>)')
+    parser.add_argument('--cfg-options', '--options', dest='cfg_options', nargs='+',
+                        action=DictAction, default={},
+                        help='override config values, e.g. model.pretrained=/path/ckpt.pth '
+                             'data_root=/path/to/tn3k (--options: the mmseg 0.x spelling)')
+    parser.add_argument('--launcher', choices=LAUNCHERS, default='none',
+                        help='job launcher (dist_train.sh / dist_test.sh pass "pytorch")')
+    parser.add_argument('--local-rank', '--local_rank', dest='local_rank', type=int, default=0,
+                        help='set by torch.distributed.launch; torchrun sets LOCAL_RANK instead')
+
+
+def load_config(config_path: str, args: argparse.Namespace) -> Config:
+    if not osp.isfile(config_path):
+        raise FileNotFoundError(f'config {config_path} not found (relative paths are taken from '
+                                f'the current folder {os.getcwd()}; the published commands run '
+                                'from SEG/)')
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    cfg = Config.fromfile(config_path)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.launcher = args.launcher
+    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
+        'work_dirs', osp.splitext(osp.basename(config_path))[0])
+    propagate_data_root(cfg)
+    return cfg
+
+
+def dataloader_keys(cfg: Config) -> List[str]:
+    return [key for key in ('train_dataloader', 'val_dataloader', 'test_dataloader')
+            if isinstance(cfg.get(key), dict) and isinstance(cfg[key].get('dataset'), dict)]
+
+
+def propagate_data_root(cfg: Config) -> None:
+    """Give every split's dataset the top-level ``data_root`` (when the config has one)."""
+    if cfg.get('data_root') is None:
+        return
+    for key in dataloader_keys(cfg):
+        cfg[key]['dataset']['data_root'] = cfg.data_root
+
+
+def set_metric_output(cfg: Config, work_dir: str) -> None:
+    """Per-image metric files in the work dir: val (during training) and test keep separate files."""
+    for key, name in (('val_evaluator', 'per_image_metrics_val.json'),
+                      ('test_evaluator', 'per_image_metrics.json')):
+        evaluators = cfg.get(key)
+        if evaluators is None:
+            continue
+        evaluators = [evaluators] if isinstance(evaluators, dict) else list(evaluators)
+        # val and test may share one list object in the config: give each its own copies
+        evaluators = [ConfigDict(dict(e)) for e in evaluators]
+        for evaluator in evaluators:
+            if evaluator.get('type') == 'PerImageNoduleMetric' and not evaluator.get('output_file'):
+                evaluator['output_file'] = osp.join(work_dir, name)
+        cfg[key] = evaluators
+
+
+def add_iou_metrics(cfg: Config, names: Iterable[str]) -> None:
+    """mmseg 0.x ``--eval mIoU mDice``: add those metrics to the config's IoUMetric."""
+    names = list(names)
+    unknown = [n for n in names if n not in IOU_METRICS]
+    if unknown:
+        raise ValueError(f'--eval {" ".join(unknown)}: supported metrics are {", ".join(IOU_METRICS)}')
+    evaluators = cfg.test_evaluator
+    for evaluator in [evaluators] if isinstance(evaluators, dict) else evaluators:
+        if evaluator.get('type') == 'IoUMetric':
+            present = list(evaluator.get('iou_metrics', ['mIoU']))
+            evaluator['iou_metrics'] = present + [n for n in names if n not in present]
+
+
+def _replace_type(node, old: str, new: str) -> int:
+    """Replace ``type=old`` by ``type=new`` in every dict of a config tree; count them."""
+    count = 0
+    if isinstance(node, dict):
+        if node.get('type') == old:
+            node['type'] = new
+            count += 1
+        for value in node.values():
+            count += _replace_type(value, old, new)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            count += _replace_type(value, old, new)
+    return count
+
+
+def adapt_to_machine(cfg: Config) -> List[str]:
+    """Fit GPU-specific settings to this machine; return one line per change (for the log)."""
+    changes = []
+    wrapper = cfg.get('optim_wrapper')
+    if not torch.cuda.is_available():
+        if wrapper is not None and wrapper.get('type') == 'AmpOptimWrapper':
+            wrapper['type'] = 'OptimWrapper'
+            for amp_only in ('dtype', 'loss_scale'):
+                wrapper.pop(amp_only, None)
+            changes.append('no GPU: AmpOptimWrapper -> OptimWrapper (fp32)')
+        if _replace_type(cfg._cfg_dict, 'SyncBN', 'BN'):
+            changes.append('no GPU: SyncBN -> BN')
+        if cfg.launcher != 'none':
+            cfg.env_cfg = dict(cfg.get('env_cfg', {}), dist_cfg=dict(backend='gloo'))
+            # mmengine pins DDP to device LOCAL_RANK by default, which only exists on GPUs
+            cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None,
+                                         broadcast_buffers=False, find_unused_parameters=False)
+            changes.append('no GPU: distributed over gloo on CPU')
+    elif (wrapper is not None and wrapper.get('type') == 'AmpOptimWrapper'
+          and wrapper.get('dtype') in ('bfloat16', torch.bfloat16)
+          and not torch.cuda.is_bf16_supported()):
+        wrapper['dtype'] = 'float16'
+        changes.append('GPU without bf16: mixed precision in fp16 with dynamic loss scaling')
+    return changes
+
+
+def init_distributed_without_gpu(cfg: Config) -> None:
+    """mmengine's pytorch launcher calls torch.cuda.set_device, which fails without a GPU; on such
+    a machine the process group is opened here (gloo, from torchrun's environment) and mmengine,
+    finding it open, uses it."""
+    if cfg.launcher == 'pytorch' and not torch.cuda.is_available() and not dist.is_initialized():
+        dist.init_process_group(backend='gloo')
+
+
+def prepare(cfg: Config) -> Tuple[Config, List[str]]:
+    changes = adapt_to_machine(cfg)
+    set_metric_output(cfg, cfg.work_dir)
+    init_distributed_without_gpu(cfg)
+    return cfg, changes
