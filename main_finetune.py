@@ -178,13 +178,17 @@ def input_hw(args):
     return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
 
 
+def blur_phrase(method) -> str:
+    return f"--blur {method}" if method else "no --blur"
+
+
 def warn_on_blur_change(args, recorded: dict) -> None:
     """A model fine-tuned on blurred inputs evaluated on sharp ones (or vice versa) scores badly
     without any error: say so."""
     if "blur_method" in recorded and recorded.get("blur_method") != args.blur_method:
-        warnings.warn(f"the checkpoint was fine-tuned with --blur {recorded.get('blur_method')} but this run "
-                      f"uses --blur {args.blur_method}; pass the same blur settings (or a dataset blurred the "
-                      "same way) to evaluate it as trained")
+        warnings.warn(f"the checkpoint was fine-tuned with {blur_phrase(recorded.get('blur_method'))} but this "
+                      f"run has {blur_phrase(args.blur_method)}; pass the same blur settings (or a dataset blurred the same way) "
+                      "to evaluate it as trained")
 
 
 # ------------------------------------------------------------------------------ data
@@ -221,16 +225,25 @@ def normalisation(args, datasets, recorded: dict):
     elif len(recorded.get("data_mean") or []) == c and len(recorded.get("data_std") or []) == c:
         mean, std = recorded["data_mean"], recorded["data_std"]
     elif c == 1:
-        if "train" not in datasets:
-            raise SystemExit("--in_chans 1 needs the normalisation of training: the checkpoint does not record "
-                             "it; pass --data_mean M --data_std S")
-        mean, std = pixel_mean_std(datasets["train"], seed=args.seed)
+        mean, std = pixel_mean_std(training_images(args, datasets), seed=args.seed)
         print(f"training-image mean {mean[0]:.4f}, std {std[0]:.4f}")
     else:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     if len(mean) != c or len(std) != c:
         raise SystemExit(f"--data_mean/--data_std need {c} values each (one per input channel)")
     return [float(m) for m in mean], [float(s) for s in std]
+
+
+def training_images(args, datasets):
+    """The training split, also under --eval when the checkpoint did not record its normalisation."""
+    if "train" in datasets:
+        return datasets["train"]
+    if not os.path.isdir(os.path.join(args.data_path, "train")):
+        raise SystemExit("--in_chans 1: the checkpoint does not record the normalisation it was trained with "
+                         f"and {args.data_path} has no train/ folder to measure it; pass --data_mean M --data_std S")
+    any_split = next(iter(datasets.values()))
+    return ClassificationDataset(args.data_path, "train", any_split.class_names, blur=any_split.blur,
+                                 in_chans=args.in_chans, strict=args.strict_data)
 
 
 def attach_transforms(datasets, args, mean, std) -> None:
@@ -311,9 +324,8 @@ def check_head(state: dict, nb_classes: int, class_names, path: str) -> None:
             f"pass it to --finetune instead.")
 
 
-def load_finetuned(model, path: str, ckpt: dict, args, class_names):
+def load_finetuned(model, path: str):
     """``--resume`` / ``--eval``: the fine-tuned weights must match the model exactly."""
-    check_head(extract_state_dict(ckpt, path), args.nb_classes, class_names, path)
     report = load_weights(model, path, allowed_missing=(), allow_unexpected=False)
     if report.adapted:
         raise CheckpointError(f"{path} was fine-tuned with another number of input channels "
@@ -560,6 +572,8 @@ def prepare(args):
     class_names = resolve_class_names(found, recorded.get("class_names") if resume_ckpt else None,
                                       args.nb_classes, args.data_path)
     args.nb_classes, args.class_names = len(class_names), class_names
+    if resume_ckpt is not None:  # before any data is read: the cheapest and most telling check
+        check_head(extract_state_dict(resume_ckpt, args.resume_path), args.nb_classes, class_names, args.resume_path)
     try:
         pos_class = resolve_pos_class(args.pos_class if args.pos_class is not None else 1, class_names)
     except ValueError as err:
@@ -571,7 +585,7 @@ def prepare(args):
 
     model = build_model(args)
     if resume_ckpt is not None:
-        print(load_finetuned(model, args.resume_path, resume_ckpt, args, class_names))
+        print(load_finetuned(model, args.resume_path))
     elif args.finetune:
         print(load_pretrained(model, args.finetune))
     else:

@@ -166,7 +166,9 @@ class ClassificationDataset(Dataset):
             pixels = self.load_pixels(index)
         except UnreadableImageError as err:
             if self.strict:
-                raise
+                # DatasetError has a one-argument constructor, so a DataLoader worker can re-raise it
+                # in the main process as itself, message intact
+                raise DatasetError(f"{err} (stopped by --strict_data)") from err
             warnings.warn(f"skipping {err.path}: {err.reason} (use --strict_data to stop instead)")
             return None
         label = self.samples[index][3]

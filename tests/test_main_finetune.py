@@ -1,0 +1,272 @@
+"""main_finetune.py end to end on CPU: tiny models, images made here, every output checked."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import main_finetune
+from util.checkpoint import CheckpointError
+from util.metrics import METRIC_NAMES
+from util.registry import finetune_models, pretrain_models
+
+N_TEST = 7  # odd: two processes get a padded shard
+
+
+def make_image(rng, malignant: bool, dtype=np.uint8):
+    """Smooth noise; the 'malignant' class has a bright block, so a tiny model learns it in a few epochs."""
+    img = cv2.GaussianBlur(rng.random((40, 48)).astype(np.float32), (0, 0), 2) * 0.45
+    if malignant:
+        img[10:30, 12:36] += 0.4
+    top = 65535 if dtype == np.uint16 else 255
+    return (np.clip(img, 0, 1) * top).astype(dtype)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cls")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("val", 8), ("test", N_TEST)):
+        for i in range(n):
+            name = "malignant" if i % 2 else "benign"
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            dtype = np.uint16 if i == 0 else np.uint8  # one 16-bit file per split
+            cv2.imwrite(str(folder / f"{split}{i}.png"), make_image(rng, i % 2 == 1, dtype))
+    return root
+
+
+def common_args(data, out, *extra, model="vit_tiny_patch16"):
+    return ["--data_path", str(data), "--output_dir", str(out), "--model", model, "--input_size", "32",
+            "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--n_boot", "50", *extra]
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
+
+
+def saved_results(out, split="test"):
+    return json.load(open(os.path.join(out, "results.json")))[split]
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    """A grey, blurred-input fine-tuning run from a Deblurring MAE pretraining checkpoint."""
+    out = tmp_path_factory.mktemp("run")
+    pretrained = out / "pretrain.pth"
+    torch.save({"model": pretrain_models().create("dmae_vit_tiny_patch16", img_size=32, in_chans=1).state_dict()},
+               pretrained)
+    main_finetune.cli(common_args(dataset, out, "--finetune", str(pretrained), "--blur", "gaussian",
+                                  "--blur_sigma", "1.1", "--lr", "2e-3", "--epochs", "6", "--warmup_epochs", "1",
+                                  "--early_stops", "2", "--print_freq", "3"))
+    return out
+
+
+# ------------------------------------------------------------------------------ training
+def test_run_selects_best_epoch_stops_early_and_evaluates_test(trained):
+    log = read_log(trained)
+    epochs, summary = log[:-1], log[-1]
+    assert [e["epoch"] for e in epochs] == list(range(len(epochs)))
+    # selection: the best epoch is the first one with the highest val accuracy seen so far
+    best = None
+    for entry in epochs:
+        if best is None or entry["val_accuracy"] > best["val_accuracy"]:
+            best = entry
+        assert entry["best_epoch"] == best["epoch"]
+        assert entry["epoch"] == epochs[-1]["epoch"] or entry["epoch"] - entry["best_epoch"] < 2
+    last = epochs[-1]
+    assert last["epoch"] == 5 or last["epoch"] - last["best_epoch"] == 2  # --epochs 6, --early_stops 2
+    assert summary["best_epoch"] == best["epoch"]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    # the test split was evaluated with the best model
+    test = saved_results(trained)
+    assert test["n"] == N_TEST
+    assert {k: m["value"] for k, m in test["metrics"].items()} == {k: summary[f"test_{k}"] for k in METRIC_NAMES}
+    assert saved_results(trained, "val")["metrics"]["accuracy"]["value"] == best["val_accuracy"]
+    # only the best and the last checkpoints, with what resuming and evaluating need
+    assert sorted(f for f in os.listdir(trained) if f.startswith("checkpoint")) == ["checkpoint-best.pth",
+                                                                                    "checkpoint-last.pth"]
+    best_ckpt = torch.load(trained / "checkpoint-best.pth", weights_only=True)
+    last_ckpt = torch.load(trained / "checkpoint-last.pth", weights_only=True)
+    assert best_ckpt["epoch"] == best["epoch"] and last_ckpt["epoch"] == last["epoch"]
+    assert set(last_ckpt) >= {"model", "optimizer", "epoch", "scaler", "best", "args"}
+    recorded = best_ckpt["args"]
+    assert recorded["class_names"] == ["benign", "malignant"] and recorded["in_chans"] == 1
+    assert len(recorded["data_mean"]) == 1 and recorded["blur_method"] == "gaussian"
+
+
+def test_run_writes_every_output(trained):
+    files = set(os.listdir(trained))
+    assert {"results.json", "results.txt", "predictions.csv", "roc_curve.png", "confusion_matrix.png",
+            "predictions_val.csv", "log.txt"} <= files
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    rows = open(trained / "predictions.csv").read().splitlines()
+    assert rows[0] == "file,label,predicted,prob_benign,prob_malignant" and len(rows) == N_TEST + 1
+    assert "== test: n = 7" in open(trained / "results.txt").read()
+
+
+def test_eval_reproduces_the_test_metrics(trained, dataset, tmp_path):
+    # the published evaluation command; grey input, normalisation and classes come from the checkpoint
+    main_finetune.cli(common_args(dataset, tmp_path, "--nb_classes", "2", "--resume",
+                                  str(trained / "checkpoint-best.pth"), "--eval", "--blur", "gaussian"))
+    assert saved_results(tmp_path) == saved_results(trained)
+    assert open(tmp_path / "predictions.csv").read() == open(trained / "predictions.csv").read()
+    assert {"roc_curve.png", "confusion_matrix.png", "results.txt"} <= set(os.listdir(tmp_path))
+
+
+def test_two_processes_count_each_test_image_once(trained, dataset, tmp_path, repo_root):
+    ckpt = str(trained / "checkpoint-best.pth")
+    args = ["--batch_size", "2", "--resume", ckpt, "--eval", "--blur", "gaussian"]
+    one = tmp_path / "one"
+    main_finetune.cli(common_args(dataset, one, *args))
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--master_port", str(29500 + os.getpid() % 1000 + 7), "main_finetune.py",
+           *common_args(dataset, two, *args)]
+    result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert saved_results(two) == saved_results(one)
+    assert saved_results(two)["n"] == N_TEST
+    # same files in the same order; probabilities equal up to batching / thread-count rounding
+    rows_one, rows_two = read_predictions(one), read_predictions(two)
+    assert [r[:3] for r in rows_two] == [r[:3] for r in rows_one] and len(rows_one) == N_TEST
+    np.testing.assert_allclose(np.array([r[3:] for r in rows_two], float),
+                               np.array([r[3:] for r in rows_one], float), atol=1e-5)
+
+
+def read_predictions(out):
+    return [line.split(",") for line in open(out / "predictions.csv").read().splitlines()[1:]]
+
+
+# ------------------------------------------------------------------------------ layer decay
+def expected_layer(name: str, model_name: str, depth: int) -> int:
+    """The layer ids of DESIGN.md, written out per family."""
+    embeddings = ("cls_token", "pos_embed", "patch_embed.") if model_name.startswith("vit") else \
+        ("pos_embed", "patch_embed1.", "patch_embed2.", "patch_embed3.", "patch_embed4.", "blocks1.", "blocks2.")
+    if name.startswith(embeddings):
+        return 0
+    blocks = "blocks." if model_name.startswith("vit") else "blocks3."
+    if name.startswith(blocks):
+        return int(name[len(blocks):].split(".")[0]) + 1
+    assert name.startswith(("fc_norm.", "head.")), name
+    return depth + 1
+
+
+@pytest.mark.parametrize("model_name,depth", [("vit_tiny_patch16", 2), ("convvit_tiny_patch16", 2)])
+def test_layer_decay_groups(model_name, depth):
+    model = finetune_models().create(model_name, img_size=32, num_classes=2)
+    args = argparse.Namespace(weight_decay=0.05, layer_decay=0.75, lr=1e-3, min_lr=0.0, warmup_epochs=0,
+                              epochs=10, device="cpu")
+    optimizer = main_finetune.build_optimizer(model, args)
+    main_finetune.adjust_learning_rate(optimizer, 0.0, args)
+    owner = {}
+    for group in optimizer.param_groups:
+        for name, param in zip(group["param_names"], group["params"]):
+            assert id(param) not in owner, f"{name} in two groups"
+            owner[id(param)] = group
+            scale = 0.75 ** (depth + 1 - expected_layer(name, model_name, depth))
+            assert group["lr_scale"] == pytest.approx(scale), name
+            assert group["lr"] == pytest.approx(1e-3 * scale), name
+            no_decay = param.ndim == 1 or name.endswith(".bias") or name in ("pos_embed", "cls_token")
+            assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+    assert set(owner) == {id(p) for p in model.parameters()}
+    assert {g["lr_scale"] for g in optimizer.param_groups} == {0.75 ** k for k in range(depth + 2)}
+
+
+# ------------------------------------------------------------------------------ checkpoints
+@pytest.mark.parametrize("model_name,pretrain_name", [("vit_tiny_patch16", "dmae_vit_tiny_patch16"),
+                                                      ("convvit_tiny_patch16", "dconvmae_convvit_tiny_patch16")])
+@pytest.mark.parametrize("global_pool", [True, False])
+def test_pretraining_checkpoint_reports_only_head_missing(tmp_path, model_name, pretrain_name, global_pool):
+    path = tmp_path / "pretrain.pth"
+    torch.save({"model": pretrain_models().create(pretrain_name, img_size=32).state_dict()}, path)
+    model = finetune_models().create(model_name, img_size=64, num_classes=3, global_pool=global_pool)
+    report = main_finetune.load_pretrained(model, str(path))
+    head = {"head.weight", "head.bias"}
+    assert set(report.missing) == (head | {"fc_norm.weight", "fc_norm.bias"} if global_pool else head)
+    assert "decoder_pred.weight" in report.unexpected and "mask_token" in report.unexpected
+    assert any(s.startswith("pos_embed") for s in report.interpolated)  # 32 -> 64 px grid
+    assert model.head.weight.abs().max() < 1e-3  # MAE's small head initialisation
+
+
+def test_finetune_from_a_classifier_of_other_class_count_drops_its_head(tmp_path):
+    path = tmp_path / "cls.pth"
+    torch.save({"model": finetune_models().create("vit_tiny_patch16", img_size=32, num_classes=5).state_dict()}, path)
+    model = finetune_models().create("vit_tiny_patch16", img_size=32, num_classes=2)
+    report = main_finetune.load_pretrained(model, str(path))
+    assert [d.split()[0] for d in report.dropped] == ["head.weight", "head.bias"] and not report.missing
+
+
+def run_expecting_error(argv):
+    with pytest.raises(SystemExit) as info:
+        main_finetune.cli(argv)
+    return str(info.value)
+
+
+def test_wrong_class_count_fails_clearly(trained, dataset, tmp_path):
+    ckpt = trained / "checkpoint-best.pth"
+    message = run_expecting_error(common_args(dataset, tmp_path, "--nb_classes", "3", "--resume", str(ckpt), "--eval"))
+    assert "--nb_classes 3" in message and "2 classes" in message
+    # a published-style checkpoint (weights only, no class list) on data with a third class
+    three = tmp_path / "three"
+    for split in ("train", "val", "test"):
+        (three / split).mkdir(parents=True)
+        for sub in ("benign", "malignant"):
+            os.symlink(dataset / split / sub, three / split / sub)
+        (three / split / "other").symlink_to(dataset / split / "benign")
+    bare = tmp_path / "bare.pth"
+    torch.save({"model": torch.load(ckpt, weights_only=True)["model"]}, bare)
+    message = run_expecting_error(common_args(three, tmp_path / "o", "--resume", str(bare), "--eval"))
+    assert str(bare) in message and "2-class head" in message and "3 classes" in message and "--finetune" in message
+    # our checkpoint records its classes: an unknown class folder is named
+    message = run_expecting_error(common_args(three, tmp_path / "o", "--resume", str(ckpt), "--eval"))
+    assert "other" in message and "not trained on" in message
+
+
+def test_wrong_architecture_fails_clearly(trained, dataset, tmp_path):
+    convmae = tmp_path / "convmae.pth"
+    torch.save({"model": pretrain_models().create("dconvmae_convvit_tiny_patch16", img_size=32).state_dict()}, convmae)
+    message = run_expecting_error(common_args(dataset, tmp_path, "--finetune", str(convmae), "--epochs", "1"))
+    assert str(convmae) in message and "--model" in message
+    message = run_expecting_error(common_args(dataset, tmp_path, "--resume", str(trained / "checkpoint-best.pth"),
+                                              "--eval", model="convvit_tiny_patch16"))
+    assert "checkpoint-best.pth" in message and "--model" in message
+
+
+# ------------------------------------------------------------------------------ user errors and data policy
+def test_clear_errors_for_bad_data_and_flags(dataset, tmp_path):
+    assert "Valid names" in run_expecting_error(common_args(dataset, tmp_path, model="vit_tiny"))
+    no_val = tmp_path / "no_val"
+    (no_val / "train" / "a").mkdir(parents=True)
+    (no_val / "test" / "a").mkdir(parents=True)
+    message = run_expecting_error(common_args(no_val, tmp_path / "o"))
+    assert "val" in message and "one sub-folder per class" in message
+    loose = tmp_path / "loose"
+    for split in ("train", "val", "test"):
+        (loose / split / "a").mkdir(parents=True)
+    cv2.imwrite(str(loose / "train" / "stray.png"), np.zeros((8, 8), np.uint8))
+    assert "outside class folders" in run_expecting_error(common_args(loose, tmp_path / "o"))
+    message = run_expecting_error(common_args(dataset, tmp_path / "o", "--eval"))
+    assert "--resume" in message
+    message = run_expecting_error(common_args(dataset, tmp_path / "o", "--pos_class", "cancer", "--epochs", "1"))
+    assert "cancer" in message and "benign" in message
+
+
+def test_unreadable_test_image_is_skipped_or_stops_with_strict_data(trained, dataset, tmp_path):
+    data = tmp_path / "data"
+    for split in ("train", "val", "test"):
+        for sub in ("benign", "malignant"):
+            (data / split / sub).mkdir(parents=True)
+            for f in os.listdir(dataset / split / sub):
+                os.symlink(dataset / split / sub / f, data / split / sub / f)
+    (data / "test" / "benign" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    args = ["--resume", str(trained / "checkpoint-best.pth"), "--eval", "--blur", "gaussian"]
+    with pytest.warns(UserWarning, match="broken.png"):
+        main_finetune.cli(common_args(data, tmp_path / "lenient", *args))
+    assert saved_results(tmp_path / "lenient")["n"] == N_TEST
+    assert "broken.png" in run_expecting_error(common_args(data, tmp_path / "strict", *args, "--strict_data"))
