@@ -270,3 +270,19 @@ def test_unreadable_test_image_is_skipped_or_stops_with_strict_data(trained, dat
         main_finetune.cli(common_args(data, tmp_path / "lenient", *args))
     assert saved_results(tmp_path / "lenient")["n"] == N_TEST
     assert "broken.png" in run_expecting_error(common_args(data, tmp_path / "strict", *args, "--strict_data"))
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(dataset, tmp_path):
+    # --early_stops 0 ends the first run after epoch 0 with the schedule of a 3-epoch run; resuming
+    # its checkpoint-last.pth must then reproduce epochs 1-2 of the uninterrupted run exactly
+    # (optimizer state, per-epoch seeding of shuffling, RandAugment, mixup and drop path).
+    args = ["--epochs", "3", "--warmup_epochs", "1", "--mixup", "0.2", "--n_boot", "0"]
+    main_finetune.cli(common_args(dataset, tmp_path / "full", *args))
+    main_finetune.cli(common_args(dataset, tmp_path / "split", *args, "--early_stops", "0"))
+    main_finetune.cli(common_args(dataset, tmp_path / "split", *args, "--resume",
+                                  str(tmp_path / "split" / "checkpoint-last.pth")))
+    full = [e for e in read_log(tmp_path / "full") if "epoch" in e]
+    split = [e for e in read_log(tmp_path / "split") if "epoch" in e]
+    assert [e["epoch"] for e in split] == [0, 1, 2]
+    for a, b in zip(full, split):
+        assert (a["train_loss"], a["val_loss"]) == (b["train_loss"], b["val_loss"])
