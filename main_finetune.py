@@ -100,7 +100,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto_resume", action="store_true", help="resume from output_dir/checkpoint-last.pth if present")
     p.add_argument("--start_epoch", default=0, type=int)
     # data
-    p.add_argument("--data_path", default="", type=str, help="folder with train/, val/, test/ (one sub-folder per class)")
+    p.add_argument("--data_path", default="", type=str,
+                   help="folder with train/, val/, test/ (one sub-folder per class)")
     p.add_argument("--nb_classes", default=None, type=int, help="number of classes (default: the class folders)")
     p.add_argument("--pos_class", default=None,
                    help="positive class of the binary metrics, by name or index (default: class 1, the "
@@ -187,8 +188,8 @@ def warn_on_blur_change(args, recorded: dict) -> None:
     without any error: say so."""
     if "blur_method" in recorded and recorded.get("blur_method") != args.blur_method:
         warnings.warn(f"the checkpoint was fine-tuned with {blur_phrase(recorded.get('blur_method'))} but this "
-                      f"run has {blur_phrase(args.blur_method)}; pass the same blur settings (or a dataset blurred the same way) "
-                      "to evaluate it as trained")
+                      f"run has {blur_phrase(args.blur_method)}; pass the same blur settings (or a dataset "
+                      "blurred the same way) to evaluate it as trained")
 
 
 # ------------------------------------------------------------------------------ data
@@ -220,7 +221,9 @@ def normalisation(args, datasets, recorded: dict):
     """Mean/std: given > recorded by the checkpoint > measured on the training images (grey inputs)
     > ImageNet (the published 3-channel checkpoints)."""
     c = args.in_chans
-    if args.data_mean is not None and args.data_std is not None:
+    if (args.data_mean is None) != (args.data_std is None):
+        raise SystemExit("pass --data_mean and --data_std together (or neither)")
+    if args.data_mean is not None:
         mean, std = args.data_mean, args.data_std
     elif len(recorded.get("data_mean") or []) == c and len(recorded.get("data_std") or []) == c:
         mean, std = recorded["data_mean"], recorded["data_std"]
@@ -282,8 +285,9 @@ def start_epoch_data(loader, epoch: int, args) -> None:
 
 def describe_data(datasets, class_names, pos_class, args) -> None:
     blur = blur_spec_from_args(args, prefix="blur_")
-    print(f"classes {class_names}; positive class for binary metrics: '{class_names[pos_class]}'; "
-          f"input blur: {blur.describe() if blur else 'none'}")
+    averaging = (f"positive class '{class_names[pos_class]}'" if len(class_names) == 2
+                 else "metrics macro-averaged over the classes")
+    print(f"classes {class_names}; {averaging}; input blur: {blur.describe() if blur else 'none'}")
     for split, dataset in datasets.items():
         counts = ", ".join(f"{k} {v}" for k, v in dataset.class_counts().items())
         print(f"{split}: {len(dataset)} images ({counts})")
@@ -319,7 +323,8 @@ def check_head(state: dict, nb_classes: int, class_names, path: str) -> None:
     head = state.get("head.weight")
     if head is not None and head.shape[0] != nb_classes:
         raise CheckpointError(
-            f"{path} has a {head.shape[0]}-class head but the data has {nb_classes} classes ({', '.join(class_names)}). "
+            f"{path} has a {head.shape[0]}-class head but the data has {nb_classes} classes "
+            f"({', '.join(class_names)}). "
             f"--resume/--eval need a checkpoint fine-tuned on these classes; to train a new head from it, "
             f"pass it to --finetune instead.")
 
@@ -531,8 +536,8 @@ def restore_training_state(ckpt, path, optimizer, scaler, args) -> dict:
         warnings.warn(f"{path} selected on {best.get('metric')}; this run selects on "
                       f"{SELECT_METRICS[args.select_metric]}: the best epoch is chosen afresh")
         best = {}
-    print(f"resuming at epoch {args.start_epoch} from {path}" + (f" (best so far: epoch {best['epoch']}, "
-                                                                  f"{best['metric']} {best['value']:.4f})" if best else ""))
+    so_far = f" (best so far: epoch {best['epoch']}, {best['metric']} {best['value']:.4f})" if best else ""
+    print(f"resuming at epoch {args.start_epoch} from {path}{so_far}")
     return best
 
 
