@@ -68,6 +68,10 @@ class ViTBackbone(VisionTransformer):
     def forward(self, x: torch.Tensor):
         input_hw = tuple(x.shape[-2:])
         size = tuple(self.patch_embed.img_size)
-        features = self.forward_pyramid(pad_to_size(x, size), indices=self.out_indices)
+        # timm returns each requested block once, in block order; map back to out_indices (which
+        # may repeat a block, e.g. in a 2-block test model)
+        blocks = sorted(set(self.out_indices))
+        by_block = dict(zip(blocks, self.forward_pyramid(pad_to_size(x, size), indices=blocks)))
+        features = [by_block[i] for i in self.out_indices]
         stride = self.patch_embed.patch_size[0]
         return tuple(crop_to_input(features, input_hw, [stride] * len(features)))

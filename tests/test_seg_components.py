@@ -1,0 +1,399 @@
+"""SEG/mmseg_custom: backbones and pretrained loading, layer decay, mask dataset, per-image metrics,
+configs, and fitting a config to a machine without GPU. In-process, CPU, tiny models."""
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+SEG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'SEG')
+if SEG_DIR not in sys.path:
+    sys.path.append(SEG_DIR)  # appended: SEG/ must not shadow top-level names such as tools
+
+import mmseg_compat  # noqa: E402,F401  (before any mmseg import)
+import mmseg_custom  # noqa: E402,F401  (registers the backbones, dataset, metric, constructor)
+from mmengine.config import Config  # noqa: E402
+from mmseg.registry import MODELS  # noqa: E402
+from mmseg.utils import register_all_modules  # noqa: E402
+
+from mmseg_custom.launch import adapt_to_machine, propagate_data_root, set_metric_output  # noqa: E402
+from mmseg_custom.layer_decay import LayerDecayOptimWrapperConstructor  # noqa: E402
+from mmseg_custom.nodule_metric import dice_score, hd95, iou_score, nodule_scores  # noqa: E402
+from mmseg_custom.us_dataset import MaskFormatError, UltrasoundNoduleDataset  # noqa: E402
+from util.pos_embed import resample_pos_embed  # noqa: E402
+from util.registry import pretrain_models  # noqa: E402
+
+register_all_modules()  # mmseg's types, and 'mmseg' as the default scope (as the Runner does)
+
+CONFIGS = os.path.join(SEG_DIR, 'configs')
+DE_CONVMAE_TN3K = os.path.join(CONFIGS, 'de_convmae',
+                               'upernet_de_convmae_us280k_base_gaussian_800_512_tn3k.py')
+DE_MAE_TN3K = os.path.join(CONFIGS, 'de_mae', 'upernet_de_mae_us280k_base_gaussian_800_512_tn3k.py')
+TINY_CONVVIT = {
+    'model.backbone.img_size': 64, 'model.backbone.embed_dim': [32, 48, 96],
+    'model.backbone.depth': [1, 1, 2], 'model.backbone.num_heads': 3,
+    'model.decode_head.in_channels': [32, 48, 96, 96], 'model.decode_head.channels': 16,
+    'model.auxiliary_head.in_channels': 96, 'model.auxiliary_head.channels': 8,
+    'optim_wrapper.paramwise_cfg.num_layers': 2,
+}
+TINY_VIT = {
+    'model.backbone.arch': 'tiny_patch16', 'model.backbone.img_size': 64,
+    'model.backbone.out_indices': [0, 1, 1, 1], 'model.neck.embed_dim': 96,
+    'model.decode_head.in_channels': [96] * 4, 'model.decode_head.channels': 16,
+    'model.auxiliary_head.in_channels': 96, 'model.auxiliary_head.channels': 8,
+    'optim_wrapper.paramwise_cfg.num_layers': 2,
+}
+
+
+def tiny_cfg(config, overrides, **extra):
+    cfg = Config.fromfile(config)
+    cfg.merge_from_dict({**overrides, **extra})
+    cfg.launcher = 'none'
+    adapt_to_machine(cfg)  # SyncBN -> BN on CPU
+    return cfg
+
+
+@pytest.fixture(scope='module')
+def convmae_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp('ckpt') / 'dconvmae_tiny.pth'
+    state = pretrain_models().create('dconvmae_convvit_tiny_patch16', img_size=224).state_dict()
+    torch.save({'model': state}, path)
+    return str(path), state
+
+
+@pytest.fixture(scope='module')
+def mae_checkpoint(tmp_path_factory):
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp('ckpt') / 'dmae_tiny.pth'
+    state = pretrain_models().create('dmae_vit_tiny_patch16', img_size=224).state_dict()
+    torch.save({'model': state}, path)
+    return str(path), state
+
+
+# ------------------------------------------------------------------ pretrained backbone weights
+def _assert_backbone_holds(backbone, checkpoint_state, interpolated=('pos_embed',)):
+    own = backbone.state_dict()
+    compared = 0
+    for name, value in checkpoint_state.items():
+        if name not in own or name in interpolated:
+            continue
+        assert torch.equal(own[name], value), f'{name} differs from the checkpoint'
+        compared += 1
+    return compared
+
+
+@pytest.mark.parametrize('family', ['convvit', 'vit'])
+def test_pretrained_weights_survive_construction_and_init_weights(
+        family, convmae_checkpoint, mae_checkpoint):
+    path, state = convmae_checkpoint if family == 'convvit' else mae_checkpoint
+    config, overrides = (DE_CONVMAE_TN3K, TINY_CONVVIT) if family == 'convvit' else (DE_MAE_TN3K, TINY_VIT)
+    cfg = tiny_cfg(config, overrides, **{'model.pretrained': path})
+    segmentor = MODELS.build(cfg.model)
+    backbone = segmentor.backbone
+
+    compared = _assert_backbone_holds(backbone, state)
+    encoder_weights = [k for k in backbone.state_dict() if k in state and k != 'pos_embed']
+    assert compared == len(encoder_weights) > 10
+    grid = backbone.grid if family == 'convvit' else backbone.patch_embed.grid_size
+    prefix = 0 if family == 'convvit' else 1
+    assert torch.allclose(backbone.pos_embed,
+                          resample_pos_embed(state['pos_embed'], grid, num_prefix_tokens=prefix))
+
+    segmentor.init_weights()  # what mmengine's Runner calls before training
+    assert _assert_backbone_holds(backbone, state) == compared
+    backbone.init_weights()  # also directly: it must not re-initialise
+    assert _assert_backbone_holds(backbone, state) == compared
+
+    # the comparison is meaningful: a backbone built without the checkpoint differs
+    fresh = MODELS.build(tiny_cfg(config, overrides).model).backbone
+    with pytest.raises(AssertionError):
+        _assert_backbone_holds(fresh, state)
+
+
+def test_convvit_backbone_shapes_options_and_segmentation_only_layers(convmae_checkpoint):
+    from mmseg_custom import ConvViTBackbone
+
+    path, _ = convmae_checkpoint
+    backbone = ConvViTBackbone(img_size=64, embed_dim=(32, 48, 96), depth=(1, 1, 2), num_heads=3,
+                               drop_path_rate=0.2, norm_cfg=dict(type='BN'), pretrained=path)
+    backbone.eval()
+    outs = backbone(torch.randn(2, 3, 64, 64))
+    assert [tuple(o.shape) for o in outs] == [(2, 32, 16, 16), (2, 48, 8, 8), (2, 96, 4, 4),
+                                              (2, 96, 2, 2)]
+    # smaller input (slide inference on a small image): padded inside, maps cut back
+    outs = backbone(torch.randn(1, 3, 48, 64))
+    assert [tuple(o.shape[-2:]) for o in outs] == [(12, 16), (6, 8), (3, 4), (2, 2)]
+    # relative position bias starts at zero and layer scale at init_values=1 (published)
+    for block in backbone.blocks3:
+        assert torch.count_nonzero(block.attn.relative_position_bias_table) == 0
+        assert torch.all(block.ls1.gamma == 1) and torch.all(block.ls2.gamma == 1)
+    assert backbone.blocks3[-1].drop_path1.drop_prob == pytest.approx(0.2)
+    # the bias is really used: a non-zero table changes the output
+    with torch.no_grad():
+        x = torch.randn(1, 3, 64, 64)
+        before = backbone(x)[2].clone()
+        backbone.blocks3[0].attn.relative_position_bias_table.normal_()
+        assert not torch.allclose(backbone(x)[2], before)
+
+    plain = ConvViTBackbone(img_size=64, embed_dim=(32, 48, 96), depth=(1, 1, 2), num_heads=3,
+                            use_rel_pos_bias=False, init_values=None, use_abs_pos_emb=False,
+                            norm_cfg=dict(type='BN'), pretrained=path)
+    assert 'pos_embed' not in dict(plain.named_parameters())
+    assert not any('relative_position' in k or '.ls1.' in k for k in plain.state_dict())
+    assert plain(torch.randn(1, 3, 64, 64))[3].shape == (1, 96, 2, 2)
+
+
+def test_convvit_backbone_rejects_unsupported_published_options():
+    from mmseg_custom import ConvViTBackbone
+
+    tiny = dict(img_size=64, embed_dim=(32, 48, 96), depth=(1, 1, 2), num_heads=3,
+                norm_cfg=dict(type='BN'))
+    with pytest.raises(ValueError, match='out_indices'):
+        ConvViTBackbone(out_indices=[2, 3], **tiny)
+    with pytest.raises(ValueError, match='strides'):
+        ConvViTBackbone(patch_size=[16, 1, 1], **tiny)
+    with pytest.raises(ValueError, match='shared'):
+        ConvViTBackbone(use_shared_rel_pos_bias=True, **tiny)
+    ConvViTBackbone(out_indices=[3, 5, 7, 11], **tiny)  # the published value is accepted
+
+
+def test_wrong_checkpoint_names_the_file(tmp_path, mae_checkpoint):
+    from mmseg_custom import ConvViTBackbone
+    from util.checkpoint import CheckpointError
+
+    path, _ = mae_checkpoint  # a ViT checkpoint for a ConvViT backbone
+    with pytest.raises(CheckpointError, match='dmae_tiny.pth.*missing'):
+        ConvViTBackbone(img_size=64, embed_dim=(32, 48, 96), depth=(1, 1, 2), num_heads=3,
+                        norm_cfg=dict(type='BN'), pretrained=path)
+
+
+def test_segmentor_checkpoint_backbone_is_accepted_as_pretrained(tmp_path, convmae_checkpoint):
+    path, _ = convmae_checkpoint
+    segmentor = MODELS.build(tiny_cfg(DE_CONVMAE_TN3K, TINY_CONVVIT, **{'model.pretrained': path}).model)
+    whole = tmp_path / 'segmentor.pth'
+    torch.save({'state_dict': segmentor.state_dict(), 'meta': {}}, whole)
+    again = MODELS.build(tiny_cfg(DE_CONVMAE_TN3K, TINY_CONVVIT,
+                                  **{'model.pretrained': str(whole)}).model)
+    for name, value in segmentor.backbone.state_dict().items():
+        assert torch.equal(again.backbone.state_dict()[name], value), name
+
+
+# ------------------------------------------------------------------ layer decay
+def test_layer_decay_groups_convvit_base_levels():
+    cfg = tiny_cfg(DE_CONVMAE_TN3K, {'model.backbone.img_size': 64,
+                                     'model.test_cfg.crop_size': (64, 64)})
+    segmentor = MODELS.build(cfg.model)
+    wrapper_cfg = dict(cfg.optim_wrapper)
+    constructor = LayerDecayOptimWrapperConstructor(
+        dict(type='OptimWrapper', optimizer=wrapper_cfg['optimizer']), wrapper_cfg['paramwise_cfg'])
+    optimizer = constructor(segmentor).optimizer
+    groups = optimizer.param_groups
+
+    names = [n for g in groups for n in g['param_names']]
+    assert sorted(names) == sorted(n for n, p in segmentor.named_parameters() if p.requires_grad)
+    assert len(names) == len(set(names))  # each parameter in exactly one group
+
+    level = {n: g['layer_id'] for g in groups for n in g['param_names']}
+    scale = {n: g['lr_scale'] for g in groups for n in g['param_names']}
+    decay = {n: g['weight_decay'] for g in groups for n in g['param_names']}
+    assert {g['layer_id'] for g in groups} == set(range(13))  # ConvViT-B: 11 blocks -> 13 levels
+    expected_level = {
+        'backbone.patch_embed1.proj.weight': 0, 'backbone.blocks1.0.conv1.weight': 0,
+        'backbone.blocks2.1.attn.weight': 0, 'backbone.patch_embed4.weight': 0,
+        'backbone.pos_embed': 0, 'backbone.blocks3.0.attn.qkv.weight': 1,
+        'backbone.blocks3.10.mlp.fc2.weight': 11, 'backbone.blocks3.4.ls1.gamma': 5,
+        'backbone.downsample.0.weight': 12, 'decode_head.conv_seg.weight': 12,
+        'auxiliary_head.convs.0.conv.weight': 12}
+    for name, lvl in expected_level.items():
+        assert level[name] == lvl, name
+        assert scale[name] == pytest.approx(0.75 ** (12 - lvl)), name
+    for group in groups:
+        assert group['lr'] == pytest.approx(1e-4 * group['lr_scale'])
+    # no weight decay on norms, biases, position embedding, relative position bias, layer scale
+    for name in ('backbone.pos_embed', 'backbone.blocks3.0.attn.relative_position_bias_table',
+                 'backbone.blocks3.0.norm1.weight', 'backbone.blocks3.0.attn.qkv.bias',
+                 'backbone.blocks3.0.ls2.gamma', 'decode_head.bottleneck.bn.weight'):
+        assert decay[name] == 0.0, name
+    for name in ('backbone.blocks3.0.attn.qkv.weight', 'backbone.patch_embed1.proj.weight',
+                 'decode_head.conv_seg.weight'):
+        assert decay[name] == 0.05, name
+
+
+def test_layer_decay_checks_num_layers():
+    cfg = tiny_cfg(DE_CONVMAE_TN3K, TINY_CONVVIT)
+    segmentor = MODELS.build(cfg.model)
+    wrapper_cfg = dict(cfg.optim_wrapper)
+    constructor = LayerDecayOptimWrapperConstructor(
+        dict(type='OptimWrapper', optimizer=wrapper_cfg['optimizer']),
+        dict(num_layers=11, layer_decay_rate=0.75))
+    with pytest.raises(ValueError, match='num_layers=11.*2 transformer blocks'):
+        constructor(segmentor)
+
+
+# ------------------------------------------------------------------ masks
+def _write_pair(root, split, name, mask, image_size=None):
+    import cv2
+
+    for folder in ('images', 'masks'):
+        os.makedirs(os.path.join(root, folder, split), exist_ok=True)
+    h, w = image_size or mask.shape[:2]
+    cv2.imwrite(os.path.join(root, 'images', split, name), np.full((h, w, 3), 90, np.uint8))
+    cv2.imwrite(os.path.join(root, 'masks', split, name), mask)
+
+
+def _dataset(root, split='train'):
+    return UltrasoundNoduleDataset(
+        data_root=str(root), data_prefix=dict(img_path=f'images/{split}', seg_map_path=f'masks/{split}'),
+        pipeline=[dict(type='LoadImageFromFile'), dict(type='LoadAnnotations')])
+
+
+def test_masks_0_255_and_0_1_both_map_to_0_1(tmp_path):
+    nodule = np.zeros((16, 20), np.uint8)
+    nodule[4:10, 5:15] = 1
+    _write_pair(tmp_path, 'train', 'a.png', nodule * 255)
+    _write_pair(tmp_path, 'train', 'b.png', nodule)
+    _write_pair(tmp_path, 'train', 'c.png', np.zeros_like(nodule))
+    dataset = _dataset(tmp_path)
+    assert dataset.metainfo['classes'] == ('background', 'nodule')
+    for index in range(3):
+        sample = dataset[index]
+        expected = np.zeros_like(nodule) if sample['seg_map_path'].endswith('c.png') else nodule
+        np.testing.assert_array_equal(sample['gt_seg_map'], expected)
+
+
+@pytest.mark.parametrize('bad, message', [
+    (np.array([[0, 128], [255, 255]], np.uint8), r'values \[0, 128, 255\]'),
+    (np.array([[0, 1], [2, 2]], np.uint8), r'values \[0, 1, 2\]'),
+    (np.zeros((2, 2, 3), np.uint8) + 255, 'single-channel'),
+])
+def test_masks_with_other_values_fail_naming_the_file(tmp_path, bad, message):
+    _write_pair(tmp_path, 'train', 'good.png', np.zeros((2, 2), np.uint8))
+    _write_pair(tmp_path, 'train', 'bad.png', bad, image_size=(2, 2))
+    with pytest.raises(MaskFormatError, match=f'bad.png.*{message}'):
+        _dataset(tmp_path)
+
+
+def test_missing_mask_wrong_size_and_missing_folder_are_clear(tmp_path):
+    _write_pair(tmp_path, 'train', 'a.png', np.zeros((8, 8), np.uint8))
+    _write_pair(tmp_path, 'train', 'b.png', np.zeros((8, 8), np.uint8), image_size=(8, 9))
+    with pytest.raises(MaskFormatError, match='b.png: mask is 8x8 but its image .* is 9x8'):
+        _dataset(tmp_path)
+    os.remove(tmp_path / 'masks' / 'train' / 'b.png')
+    with pytest.raises(FileNotFoundError, match='1 images have no mask'):
+        _dataset(tmp_path)
+    with pytest.raises(FileNotFoundError, match='data_root'):
+        _dataset(tmp_path, split='val')
+
+
+# ------------------------------------------------------------------ per-image metrics
+def test_dice_and_iou_by_hand():
+    pred = np.zeros((6, 6), bool)
+    gt = np.zeros((6, 6), bool)
+    pred[1:3, 1:4] = True   # 6 pixels
+    gt[1:4, 2:4] = True     # 6 pixels, overlap rows 1-2 x cols 2-3 = 4
+    assert dice_score(pred, gt) == pytest.approx(2 * 4 / 12)
+    assert iou_score(pred, gt) == pytest.approx(4 / 8)
+    empty = np.zeros((6, 6), bool)
+    assert dice_score(empty, empty) == 1.0 and iou_score(empty, empty) == 1.0
+    assert dice_score(pred, empty) == 0.0
+
+
+def test_hd95_by_hand():
+    a = np.zeros((7, 7), bool)
+    b = np.zeros((7, 7), bool)
+    a[2, 2] = True
+    b[2, 5] = True
+    assert hd95(a, b) == pytest.approx(3.0)          # single pixels 3 apart
+    assert hd95(a, a) == 0.0
+    # A = {(0,0)}, B = {(0,0), (0,4)}: distances A->B [0], B->A [0, 4];
+    # 95th percentile of [0, 0, 4] (linear interpolation) = 0 + 0.9 * (4 - 0) = 3.6
+    a = np.zeros((5, 5), bool)
+    b = np.zeros((5, 5), bool)
+    a[0, 0] = True
+    b[0, 0] = b[0, 4] = True
+    assert hd95(a, b) == pytest.approx(3.6)
+    # a filled 5x5 square against the same square shifted right by 3: the left column of A and
+    # the right column of B (10 of the 32 boundary pixels) are 3 from the other boundary, all
+    # others closer, so the 95th percentile is 3
+    a = np.zeros((9, 12), bool)
+    b = np.zeros((9, 12), bool)
+    a[2:7, 1:6] = True
+    b[2:7, 4:9] = True
+    assert hd95(a, b) == pytest.approx(3.0)
+    empty = np.zeros((5, 5), bool)
+    assert hd95(empty, empty) == 0.0
+    assert hd95(a[:5, :5], empty) is None
+
+
+def test_nodule_scores_leave_out_ignored_pixels():
+    gt = np.array([[0, 1, 1, 255]])
+    pred = np.array([[0, 1, 1, 1]])
+    scores = nodule_scores(pred, gt)
+    assert scores['dice'] == 1.0 and scores['iou'] == 1.0 and scores['hd95'] == 0.0
+
+
+# ------------------------------------------------------------------ configs and launch helpers
+@pytest.mark.parametrize('relative, data_dir, batch', [
+    ('de_convmae/upernet_de_convmae_us280k_base_gaussian_800_512_tn3k.py', 'images_gaussian', 10),
+    ('de_convmae/upernet_de_convmae_us280k_base_gaussian_800_512_tnui.py', 'images_gaussian', 10),
+    ('convmae/upernet_convmae_us280k_base_800_512_tn3k.py', 'images', 6),
+    ('convmae/upernet_convmae_us280k_base_800_512_tnui.py', 'images', 10),
+])
+def test_published_configs_keep_the_published_values(relative, data_dir, batch):
+    cfg = Config.fromfile(os.path.join(CONFIGS, relative))
+    backbone = cfg.model.backbone
+    assert backbone.type == 'ConvMAE' and backbone.embed_dim == [256, 384, 768]
+    assert backbone.depth == [2, 2, 11] and backbone.num_heads == 12
+    assert backbone.use_rel_pos_bias and backbone.use_abs_pos_emb and backbone.init_values == 1.0
+    assert backbone.drop_path_rate == 0.2
+    assert cfg.model.decode_head.channels == 768
+    assert cfg.model.decode_head.in_channels == [256, 384, 768, 768]
+    assert cfg.model.auxiliary_head.in_index == 2 and cfg.model.auxiliary_head.in_channels == 768
+    assert cfg.model.test_cfg == dict(mode='slide', crop_size=(512, 512), stride=(341, 341))
+    assert cfg.optim_wrapper.optimizer == dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999),
+                                               weight_decay=0.05)
+    assert cfg.optim_wrapper.paramwise_cfg == dict(num_layers=11, layer_decay_rate=0.75)
+    warmup, poly = cfg.param_scheduler
+    assert (warmup.type, warmup.end, warmup.start_factor) == ('LinearLR', 1500, 1e-6)
+    assert (poly.type, poly.power, poly.begin, poly.end) == ('PolyLR', 1.0, 1500, 160000)
+    assert cfg.train_cfg.max_iters == 160000
+    assert cfg.default_hooks.checkpoint.save_best == 'mDice'
+    assert cfg.train_dataloader.batch_size == batch
+    steps = [t.type for t in cfg.train_dataloader.dataset.pipeline]
+    assert steps == ['LoadImageFromFile', 'LoadAnnotations', 'RandomResize', 'RandomCrop',
+                     'RandomFlip', 'PhotoMetricDistortion', 'PackSegInputs']
+    resize = cfg.train_dataloader.dataset.pipeline[2]
+    assert resize.scale == (1096, 768) and resize.ratio_range == (0.5, 2.0)
+    for split in ('train', 'val', 'test'):
+        prefix = cfg[f'{split}_dataloader'].dataset.data_prefix
+        assert prefix == dict(img_path=f'{data_dir}/{split}', seg_map_path=f'masks/{split}')
+    assert 'tnui' in cfg.data_root if relative.endswith('tnui.py') else 'tn3k' in cfg.data_root
+
+
+def test_data_root_and_metric_files_reach_every_split():
+    cfg = Config.fromfile(DE_CONVMAE_TN3K)
+    cfg.merge_from_dict({'data_root': '/data/tn3k'})
+    propagate_data_root(cfg)
+    for key in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        assert cfg[key].dataset.data_root == '/data/tn3k'
+    set_metric_output(cfg, '/runs/a')
+    files = {key: [e.get('output_file') for e in cfg[key] if e.type == 'PerImageNoduleMetric']
+             for key in ('val_evaluator', 'test_evaluator')}
+    assert files == {'val_evaluator': ['/runs/a/per_image_metrics_val.json'],
+                     'test_evaluator': ['/runs/a/per_image_metrics.json']}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU fallbacks')
+def test_cpu_fallbacks_replace_amp_and_syncbn():
+    cfg = Config.fromfile(DE_CONVMAE_TN3K)
+    cfg.launcher = 'pytorch'
+    changes = adapt_to_machine(cfg)
+    assert cfg.optim_wrapper.type == 'OptimWrapper' and 'dtype' not in cfg.optim_wrapper
+    assert cfg.model.decode_head.norm_cfg.type == 'BN'
+    assert cfg.model.backbone.norm_cfg.type == 'BN'
+    assert cfg.env_cfg.dist_cfg.backend == 'gloo'
+    assert cfg.model_wrapper_cfg.device_ids is None
+    assert len(changes) == 3
