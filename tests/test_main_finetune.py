@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import main_finetune
-from util.checkpoint import CheckpointError
 from util.metrics import METRIC_NAMES
 from util.registry import finetune_models, pretrain_models
 
