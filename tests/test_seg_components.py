@@ -397,3 +397,39 @@ def test_cpu_fallbacks_replace_amp_and_syncbn():
     assert cfg.env_cfg.dist_cfg.backend == 'gloo'
     assert cfg.model_wrapper_cfg.device_ids is None
     assert len(changes) == 3
+
+
+# ------------------------------------------------------------------ TN3K conversion
+def test_prepare_tn3k_splits_by_numeric_order_and_binarises_jpeg_masks(tmp_path):
+    import importlib.util
+    import json
+
+    import cv2
+
+    spec = importlib.util.spec_from_file_location(
+        'prepare_tn3k', os.path.join(SEG_DIR, 'tools', 'prepare_tn3k.py'))
+    prepare_tn3k = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare_tn3k)
+
+    src = tmp_path / 'tn3k'
+    rng = np.random.default_rng(0)
+    nodule = np.zeros((24, 32), np.uint8)
+    nodule[6:18, 8:24] = 255
+    for group, names in (('trainval', ['1', '2', '3', '10']), ('test', ['5'])):
+        for kind in ('image', 'mask'):
+            os.makedirs(src / f'{group}-{kind}')
+        for name in names:
+            cv2.imwrite(str(src / f'{group}-image' / f'{name}.jpg'),
+                        rng.integers(0, 255, (24, 32), dtype=np.uint8))
+            cv2.imwrite(str(src / f'{group}-mask' / f'{name}.jpg'), nodule)  # JPEG: noisy values
+    # indices into the trainval names sorted numerically: 1, 2, 3, 10
+    (src / 'tn3k-trainval-fold0.json').write_text(json.dumps({'train': [0, 3], 'val': [1]}))
+
+    dst = tmp_path / 'seg'
+    prepare_tn3k.main(['--src', str(src), '--dst', str(dst)])
+    listing = {split: sorted(os.listdir(dst / 'masks' / split)) for split in ('train', 'val', 'test')}
+    assert listing == {'train': ['1.png', '10.png'], 'val': ['2.png'], 'test': ['5.png']}
+    mask = cv2.imread(str(dst / 'masks' / 'train' / '10.png'), cv2.IMREAD_UNCHANGED)
+    assert set(np.unique(mask).tolist()) == {0, 255}
+    np.testing.assert_array_equal(mask, nodule)
+    assert len(_dataset(dst, 'train')) == 2  # the dataset accepts the converted masks
