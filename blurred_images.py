@@ -125,7 +125,11 @@ def blur_file(task: FileTask) -> FileResult:
 
 
 def main(args: argparse.Namespace) -> Summary:
-    """Blur the tree; returns the summary. Raises UsageError for bad paths."""
+    """Blur the tree; returns the summary. Raises UsageError for bad paths.
+
+    With more than one worker, processes are started the safe way (fork server or spawn), so a
+    script that calls this function must do so under ``if __name__ == "__main__":``.
+    """
     src_dir, dst_dir = _checked_dirs(args.src_dir, args.dst_dir)
     spec = blur_spec_from_args(args)
     relative_paths = list_images(src_dir, exclude=args.exclude)
