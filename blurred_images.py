@@ -136,10 +136,15 @@ def main(args: argparse.Namespace) -> Summary:
     if not relative_paths:
         raise UsageError(f"no images found under {src_dir} (looked for .png .jpg .jpeg .bmp .tif .tiff "
                          ".webp .dcm at any depth); check --src_dir and --exclude")
-    tasks = [FileTask(src_dir, dst_dir, rel, spec, args.keep_channels, args.overwrite) for rel in relative_paths]
+    summary = Summary()
+    for dicom, png in _dicom_name_clashes(relative_paths).items():
+        print(f"FAILED {os.path.join(src_dir, dicom)}: its output {png} is also the name of a source image; "
+              "rename one of the two", file=sys.stderr)
+        summary.failed.append(dicom)
+    tasks = [FileTask(src_dir, dst_dir, rel, spec, args.keep_channels, args.overwrite)
+             for rel in relative_paths if rel not in summary.failed]
     print(f"Blurring {len(tasks)} files from {src_dir} into {dst_dir} with {spec.describe()} blur")
 
-    summary = Summary()
     with tqdm(total=len(tasks), unit="file", desc="blurring", dynamic_ncols=True) as progress:
         for result in _run(tasks, args.workers):
             summary.add(result)
@@ -151,6 +156,17 @@ def main(args: argparse.Namespace) -> Summary:
         print(f"{len(summary.failed)} file(s) could not be blurred (reasons above): "
               + ", ".join(summary.failed[:10]) + (" ..." if len(summary.failed) > 10 else ""), file=sys.stderr)
     return summary
+
+
+def _dicom_name_clashes(relative_paths: list[str]) -> dict[str, str]:
+    """Single-frame-style PNG names of DICOM files that another source image already has
+    (``a.dcm`` next to ``a.png``): one would silently be skipped as 'already there'."""
+    sources = set(relative_paths)
+    clashes = {}
+    for rel in relative_paths:
+        if is_dicom_file(rel) and (png := output_paths(rel, 1)[0]) in sources:
+            clashes[rel] = png
+    return clashes
 
 
 def _run(tasks: list[FileTask], workers: int):

@@ -204,3 +204,16 @@ def test_dicom_becomes_png_one_file_per_frame(tmp_path):
     (dst / "us/cine_f010.png").unlink()
     resumed = run(src, dst)
     assert (resumed.written, resumed.skipped) == (1, 30)
+
+
+def test_dicom_whose_png_name_is_taken_fails_instead_of_being_skipped(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    single = get_testdata_file("examples_rgb_color.dcm", download=False)
+    if single is None:
+        pytest.skip("pydicom's bundled example files are missing from this installation")
+    src = tmp_path / "src"
+    save_png(src / "scan.png", colour_image())
+    shutil.copy(single, src / "scan.dcm")
+    summary = run(src, tmp_path / "dst")
+    assert summary.written == 1 and summary.failed == ["scan.dcm"]
