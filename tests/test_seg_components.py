@@ -1,6 +1,5 @@
 """SEG/mmseg_custom: backbones and pretrained loading, layer decay, mask dataset, per-image metrics,
 configs, and fitting a config to a machine without GPU. In-process, CPU, tiny models."""
-import math
 import os
 import sys
 
