@@ -1010,7 +1010,9 @@ def write_layouts(out, num_pretrain: int = 200, num_labelled: int = 100, size=25
             bar.update(1)
     else:
         import multiprocessing as mp
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        # Not "fork": forking a process whose threads (OpenMP, OpenCV, torch) hold locks can
+        # deadlock the children, e.g. when called from a test session or a training script.
+        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
         with mp.get_context(method).Pool(workers) as pool:
             for r in pool.imap(_run_job, jobs, chunksize=4):
                 records.append(r)
