@@ -9,6 +9,7 @@ blur the originals on the fly, or vanilla models reading ``--data_path_blurred``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
 import random
@@ -261,8 +262,6 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch, args, norm, writer,
         if it >= steps:
             break
         skipped += n_bad
-        if inputs is None:
-            continue
         if it % args.accum_iter == 0:
             lr = adjust_learning_rate(optimizer, epoch + it / steps, args)
         inputs = norm(inputs.to(device, non_blocking=True))
@@ -275,7 +274,7 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch, args, norm, writer,
         consecutive_bad = (consecutive_bad + 1) * (~finite).float()
         loss_sum += torch.where(finite, loss.detach(), torch.zeros_like(loss.detach()))
         update = (it + 1) % args.accum_iter == 0
-        sync_ctx = model.no_sync() if (args.distributed and not update) else _nullcontext()
+        sync_ctx = model.no_sync() if (args.distributed and not update) else contextlib.nullcontext()
         with sync_ctx:
             if scaler is not None:
                 scaler.scale(loss / args.accum_iter).backward()
@@ -301,14 +300,6 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch, args, norm, writer,
             "interrupted": interrupted}
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 @torch.no_grad()
 def evaluate(model, loader, args, norm):
     """Validation loss with a fixed mask per batch position, comparable across epochs."""
@@ -318,8 +309,6 @@ def evaluate(model, loader, args, norm):
     dtype = amp_dtype(args)
     raw = getattr(model, "module", model)
     for inputs, targets, _ in loader:
-        if inputs is None:
-            continue
         inputs = norm(inputs.to(args.device))
         targets = norm(targets.to(args.device)) if targets is not None else None
         noise = torch.rand(inputs.shape[0], raw.num_patches, generator=gen).to(args.device)
@@ -333,9 +322,6 @@ def evaluate(model, loader, args, norm):
 
 def write_figure(model, dataset, norm, mean, std, epoch, args, writer):
     samples = [dataset[i] for i in range(min(4, len(dataset)))]
-    samples = [s for s in samples if s is not None]
-    if not samples:
-        return
     inputs = norm(torch.stack([s[0] for s in samples]).to(args.device))
     targets = norm(torch.stack([s[1] for s in samples]).to(args.device)) if samples[0][1] is not None else inputs
     raw = getattr(model, "module", model)

@@ -37,7 +37,7 @@ def test_paired_crops_are_aligned_and_vary(tmp_path):
     seen = set()
     for _ in range(5):
         for i in range(len(ds)):
-            inp, tgt = ds[i]
+            inp, tgt, _ = ds[i]
             assert torch.equal(inp, tgt)
             seen.add(tuple(inp[0, :2, :2].flatten().tolist()))
     assert len(seen) > 20  # different samples and draws get different crops
@@ -99,10 +99,16 @@ def test_corrupt_file_is_skipped_or_fatal_when_strict(tmp_path):
     ds = PretrainDataset(str(tmp_path / "d" / "train"), input_size=16)
     with pytest.warns(UserWarning, match="skipping .*img1.png"):
         batch = collate_skip_bad([ds[i] for i in range(len(ds))])
-    assert batch[0].shape == (3, 3, 16, 16) and batch[1] is None and batch[2] == 1
+    # the bad file is replaced by the next readable sample: batches stay full (DDP needs that)
+    assert batch[0].shape == (4, 3, 16, 16) and batch[1] is None and batch[2] == 1
     strict = PretrainDataset(str(tmp_path / "d" / "train"), input_size=16, strict=True)
     with pytest.raises(UnreadableImageError, match="img1.png"):
         [strict[i] for i in range(len(strict))]
+    for path in paths:  # nothing readable left: a clear error instead of an endless search
+        with open(path, "wb") as f:
+            f.write(b"")
+    with pytest.raises(DatasetError, match="consecutive images .* are unreadable"), pytest.warns(UserWarning):
+        ds[0]
 
 
 def test_grey_one_channel_and_16_bit(tmp_path):
@@ -110,7 +116,7 @@ def test_grey_one_channel_and_16_bit(tmp_path):
     folder.mkdir(parents=True)
     cv2.imwrite(str(folder / "deep.png"), np.full((40, 40), 65535 // 4, np.uint16))
     ds = PretrainDataset(str(folder), input_size=16, in_chans=1, train=False)
-    inp, tgt = ds[0]
+    inp, tgt, _ = ds[0]
     assert inp.shape == (1, 16, 16) and tgt is None
     torch.testing.assert_close(inp, torch.full((1, 16, 16), (65535 // 4) / 65535))
 

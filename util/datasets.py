@@ -17,8 +17,8 @@ worker and derives from the loader's generator; the training script reseeds that
 resumed. Without workers, ``set_epoch_seed`` plays that role.
 
 Samples are float32 tensors in [0, 1] (C, H, W); normalisation happens on the device. A corrupt
-file makes ``__getitem__`` return None (``collate_skip_bad`` drops it and counts it) unless
-``strict`` is set.
+file is replaced by the next readable sample and counted (``collate_skip_bad`` sums the counts for
+the log) unless ``strict`` is set.
 """
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
+# Unreadable files met in a row before a sample gives up (then the dataset is broken, not a file).
+MAX_SUBSTITUTES = 16
 
 
 class DatasetError(RuntimeError):
@@ -229,15 +231,28 @@ class PretrainDataset(Dataset):
         return to_channels(image, self.in_chans), None
 
     def __getitem__(self, index: int):
-        try:
-            image, target = self.load_pair(index)
-        except UnreadableImageError as err:
-            if self.strict:
-                raise
-            warnings.warn(f"skipping {err.path}: {err.reason} (use --strict_data to stop instead)")
-            return None
-        image = to_unit_tensor(image)
-        target = to_unit_tensor(target) if target is not None else None
+        """``(input, target or None, number of unreadable files met)``.
+
+        An unreadable file is replaced by the next readable sample, so every batch stays full: under
+        DDP a rank with an empty batch would skip its step while the others wait for it forever.
+        """
+        for attempt in range(MAX_SUBSTITUTES + 1):
+            item = (index + attempt) % len(self.samples)
+            try:
+                image, target = self.load_pair(item)
+            except UnreadableImageError as err:
+                if self.strict:
+                    raise
+                warnings.warn(f"skipping {err.path}: {err.reason} (use --strict_data to stop instead)")
+                continue
+            image, target = self.crop_pair(to_unit_tensor(image),
+                                           to_unit_tensor(target) if target is not None else None)
+            return image, target, attempt
+        raise DatasetError(f"{MAX_SUBSTITUTES + 1} consecutive images from {self.samples[index][0]} on are "
+                           "unreadable; check the dataset (see the warnings above for the files)")
+
+    def crop_pair(self, image: torch.Tensor, target: Optional[torch.Tensor]):
+        """One crop box and one flip decision, applied to both images."""
         height, width = image.shape[-2:]
         if self.train:
             gen = self.generator()
@@ -254,14 +269,10 @@ class PretrainDataset(Dataset):
 
 
 def collate_skip_bad(batch: Sequence):
-    """Stack the good samples; return ``(inputs, targets or None, number of skipped files)``."""
-    good = [b for b in batch if b is not None]
-    skipped = len(batch) - len(good)
-    if not good:
-        return None, None, skipped
-    inputs = torch.stack([b[0] for b in good])
-    targets = None if good[0][1] is None else torch.stack([b[1] for b in good])
-    return inputs, targets, skipped
+    """Stack a batch; return ``(inputs, targets or None, number of unreadable files skipped)``."""
+    inputs = torch.stack([b[0] for b in batch])
+    targets = None if batch[0][1] is None else torch.stack([b[1] for b in batch])
+    return inputs, targets, sum(b[2] for b in batch)
 
 
 def dataset_mean_std(dataset: PretrainDataset, max_images: int = 2000, seed: int = 0):
@@ -269,10 +280,7 @@ def dataset_mean_std(dataset: PretrainDataset, max_images: int = 2000, seed: int
     order = np.random.default_rng(seed).permutation(len(dataset))[:max_images]
     total, total_sq, count = 0.0, 0.0, 0
     for i in order:
-        sample = dataset[int(i)]
-        if sample is None:
-            continue
-        x = sample[0].double()
+        x = dataset[int(i)][0].double()
         total = total + x.sum(dim=(1, 2))
         total_sq = total_sq + (x * x).sum(dim=(1, 2))
         count += x.shape[1] * x.shape[2]
