@@ -221,6 +221,24 @@ def test_layer_decay_groups_convvit_base_levels():
         assert decay[name] == 0.05, name
 
 
+def test_layer_decay_groups_vit_levels():
+    segmentor = MODELS.build(tiny_cfg(DE_MAE_TN3K, TINY_VIT).model)
+    cfg = tiny_cfg(DE_MAE_TN3K, TINY_VIT)
+    constructor = LayerDecayOptimWrapperConstructor(
+        dict(type='OptimWrapper', optimizer=dict(cfg.optim_wrapper.optimizer)),
+        dict(cfg.optim_wrapper.paramwise_cfg))
+    groups = constructor(segmentor).optimizer.param_groups
+    level = {n: g['layer_id'] for g in groups for n in g['param_names']}
+    decay = {n: g['weight_decay'] for g in groups for n in g['param_names']}
+    assert len(level) == sum(1 for p in segmentor.parameters() if p.requires_grad)
+    assert level['backbone.cls_token'] == level['backbone.pos_embed'] == 0
+    assert level['backbone.patch_embed.proj.weight'] == 0
+    assert level['backbone.blocks.0.attn.qkv.weight'] == 1
+    assert level['backbone.blocks.1.mlp.fc2.weight'] == 2
+    assert level['neck.upsample_4x.0.weight'] == level['decode_head.conv_seg.weight'] == 3
+    assert decay['backbone.cls_token'] == decay['backbone.pos_embed'] == 0.0
+
+
 def test_layer_decay_checks_num_layers():
     cfg = tiny_cfg(DE_CONVMAE_TN3K, TINY_CONVVIT)
     segmentor = MODELS.build(cfg.model)
