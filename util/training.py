@@ -37,17 +37,36 @@ class StopTraining(RuntimeError):
     pass
 
 
+def nonfinite_gradients(optimizer) -> torch.Tensor:
+    """(1,) float tensor on the gradients' device: 1 if any gradient holds an inf or NaN.
+
+    One fused kernel (the check GradScaler uses), no host sync. Checking the gradients rather than
+    the local loss matters under DDP: a NaN on one rank reaches every rank's gradients through the
+    all-reduce, so all ranks agree to skip the step.
+    """
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    found = torch.zeros(1, device=device)
+    if grads:
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=device))
+    return found
+
+
 def step_optimizer(optimizer, scaler, finite, fused_skip):
-    """Apply the update unless the loss was non-finite, without a host sync where possible."""
+    """Apply the update unless the loss (``finite`` False) or a gradient was non-finite, without a
+    host sync where possible."""
     if scaler is not None:
         scaler.step(optimizer)  # GradScaler skips non-finite gradients itself
         scaler.update()
-    elif fused_skip:
+        return
+    # a 0-d flag: the fused kernel subtracts it from the 0-d step counters when it skips
+    found_inf = torch.maximum(nonfinite_gradients(optimizer).reshape(()), (~finite).float().reshape(()))
+    if fused_skip:
         # fused AdamW reads `found_inf` and skips the update on the device when it is non-zero
-        optimizer.found_inf = (~finite).float()
+        optimizer.found_inf = found_inf
         optimizer.step()
         optimizer.found_inf = None
-    elif bool(finite):  # other optimizers/devices: a host check
+    elif not bool(found_inf):  # other optimizers/devices: a host check
         optimizer.step()
 
 
