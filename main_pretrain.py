@@ -26,7 +26,7 @@ from util import distributed as du
 from util.blur import add_blur_arguments, blur_spec_from_args
 from util.checkpoint import CheckpointError, load_checkpoint_file, load_weights, save_checkpoint
 from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, DatasetError, PretrainDataset, collate_skip_bad,
-                           dataset_mean_std, split_folder)
+                           dataset_mean_std, limit_worker_threads, split_folder)
 from util.fileio import atomic_write_text
 from util.lr_decay import param_groups
 from util.lr_sched import adjust_learning_rate, effective_lr
@@ -166,7 +166,7 @@ def make_loader(dataset, args, train: bool):
     generator = torch.Generator().manual_seed(args.seed + du.get_rank())
     return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                       pin_memory=args.pin_mem and str(args.device).startswith("cuda"), drop_last=train,
-                      collate_fn=collate_skip_bad, generator=generator)
+                      collate_fn=collate_skip_bad, generator=generator, worker_init_fn=limit_worker_threads)
 
 
 def start_epoch_data(loader, epoch: int, args) -> None:

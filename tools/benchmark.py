@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from util.blur import add_blur_arguments, blur_spec_from_args  # noqa: E402
-from util.datasets import PretrainDataset, collate_skip_bad  # noqa: E402
+from util.datasets import PretrainDataset, collate_skip_bad, limit_worker_threads  # noqa: E402
 from util.fileio import atomic_write_text  # noqa: E402
 from util.lr_decay import param_groups  # noqa: E402
 from util.registry import pretrain_models  # noqa: E402
@@ -134,7 +134,8 @@ def build_loader(args):
     return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                        num_workers=args.num_workers, collate_fn=collate_skip_bad,
                                        pin_memory=args.device.startswith("cuda"),
-                                       persistent_workers=args.num_workers > 0)
+                                       persistent_workers=args.num_workers > 0,
+                                       worker_init_fn=limit_worker_threads)
 
 
 def time_loader(args, consume=None):

@@ -268,6 +268,14 @@ class PretrainDataset(Dataset):
         return image, target
 
 
+def limit_worker_threads(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: one OpenCV thread per worker. Each worker is already one of
+    many parallel decoders; OpenCV's own pool inside each of them only oversubscribes the cores
+    (suspected cause of the low per-worker rate in ../shared/PERFORMANCE.md)."""
+    import cv2
+    cv2.setNumThreads(1)
+
+
 def collate_skip_bad(batch: Sequence):
     """Stack a batch; return ``(inputs, targets or None, number of unreadable files skipped)``."""
     inputs = torch.stack([b[0] for b in batch])
