@@ -95,6 +95,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", default=-1, type=int, help=argparse.SUPPRESS)
     p.add_argument("--dist_on_itp", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dist_url", default="env://", help=argparse.SUPPRESS)
+    p.add_argument("--dist_timeout", default=1800, type=int,
+                   help="seconds a process waits for the others in a collective before failing "
+                        "(a dead or hung rank then stops the run instead of hanging it)")
     return p
 
 
@@ -339,6 +342,8 @@ def write_figure(model, dataset, norm, mean, std, epoch, args, writer):
 def main(args):
     du.init_distributed(args)
     os.makedirs(args.output_dir, exist_ok=True)
+    if str(args.device).startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest convs
     seed = args.seed + du.get_rank()
     torch.manual_seed(seed)
     random.seed(seed)
