@@ -32,6 +32,7 @@ from util.checkpoint import (FIRST_CONV_KEYS, CheckpointError, extract_state_dic
 from util.cls_datasets import (RANDAUGMENT, SPLITS, ClassificationDataset, build_transform, collate_labelled,
                                find_class_names, pixel_mean_std, resolve_class_names)
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD, DatasetError, limit_worker_threads
+from util.fileio import check_writable
 from util.lr_decay import param_groups
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.metrics import (METRIC_NAMES, evaluate_and_write, evaluate_predictions, format_results_table,
@@ -133,6 +134,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", default=-1, type=int, help=argparse.SUPPRESS)
     p.add_argument("--dist_on_itp", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dist_url", default="env://", help=argparse.SUPPRESS)
+    p.add_argument("--dist_timeout", default=1800, type=int,
+                   help="seconds a process waits for the others in a collective before failing "
+                        "(a dead or hung rank then stops the run instead of hanging it)")
     return p
 
 
@@ -698,7 +702,7 @@ def evaluate_best(model, datasets, class_names, pos_class, best, args) -> None:
 
 def main(args):
     du.init_distributed(args)
-    os.makedirs(args.output_dir, exist_ok=True)
+    check_writable(args.output_dir)
     seed_everything(args.seed + du.get_rank())
     if str(args.device).startswith("cuda"):
         torch.backends.cudnn.benchmark = True
@@ -718,6 +722,11 @@ def cli(argv=None):
         main(args)
     except (DatasetError, CheckpointError) as err:
         raise SystemExit(f"error: {err}")
+    except Exception as err:
+        # a dead or hung rank: one message on the survivors, not a traceback from the autograd engine
+        if not (getattr(args, "distributed", False) and du.is_collective_failure(err)):
+            raise
+        raise SystemExit(du.collective_failure_message(err, args)) from None
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from util.blur import add_blur_arguments, blur_spec_from_args
 from util.checkpoint import CheckpointError, load_checkpoint_file, load_weights, save_checkpoint
 from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, DatasetError, PretrainDataset, collate_skip_bad,
                            dataset_mean_std, limit_worker_threads, split_folder)
-from util.fileio import atomic_write_text
+from util.fileio import atomic_write_text, check_writable
 from util.lr_decay import param_groups
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.registry import pretrain_models
@@ -198,11 +198,17 @@ def checkpoint_state(model, optimizer, scaler, epoch, args):
 
 
 def save_epoch_checkpoint(state, epoch, args, numbered: bool):
-    """checkpoint-last.pth always; checkpoint-{epoch}.pth when ``numbered``; both atomic."""
+    """checkpoint-{epoch}.pth when ``numbered``, then checkpoint-last.pth; both atomic.
+
+    checkpoint-last.pth is written last: it is what --auto_resume continues from, so a kill between
+    the two writes re-runs this epoch and writes checkpoint-{epoch}.pth again, instead of resuming
+    past it and never writing it.
+    """
     out = args.output_dir
-    save_checkpoint(state, os.path.join(out, "checkpoint-last.pth"))
     if numbered:
         save_checkpoint(state, os.path.join(out, f"checkpoint-{epoch}.pth"))
+    save_checkpoint(state, os.path.join(out, "checkpoint-last.pth"))
+    if numbered:
         prune_checkpoints(out, args.keep_last)
 
 
@@ -341,7 +347,7 @@ def write_figure(model, dataset, norm, mean, std, epoch, args, writer):
 # ------------------------------------------------------------------------------ main
 def main(args):
     du.init_distributed(args)
-    os.makedirs(args.output_dir, exist_ok=True)
+    check_writable(args.output_dir)
     if str(args.device).startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest convs
     seed = args.seed + du.get_rank()
@@ -368,7 +374,7 @@ def main(args):
     model = registry.create(args.model, img_size=input_hw(args), in_chans=args.in_chans,
                             norm_pix_loss=args.norm_pix_loss, loss_on=loss_on).to(args.device)
     dtype = amp_dtype(args)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(str(args.device).split(":")[0]) if dtype == torch.float16 else None
     optimizer = build_optimizer(model, args)
     restore(model, optimizer, scaler, args)
     # recorded in the checkpoint's args, so tools can rebuild the model and its normalisation
@@ -427,6 +433,11 @@ def cli(argv=None):
         main(args)
     except (DatasetError, CheckpointError) as err:
         raise SystemExit(f"error: {err}")
+    except Exception as err:
+        # a dead or hung rank: one message on the survivors, not a traceback from the autograd engine
+        if not (getattr(args, "distributed", False) and du.is_collective_failure(err)):
+            raise
+        raise SystemExit(du.collective_failure_message(err, args)) from None
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from torch.utils.data import DataLoader
 
 from util.blur import BlurSpec
 from util.datasets import DatasetError, PretrainDataset, collate_skip_bad, sample_crop_box
-from util.image_io import UnreadableImageError
 
 
 def write_tree(root, n=6, size=(60, 80), seed=0, colour=False):
@@ -102,7 +101,7 @@ def test_corrupt_file_is_skipped_or_fatal_when_strict(tmp_path):
     # the bad file is replaced by the next readable sample: batches stay full (DDP needs that)
     assert batch[0].shape == (4, 3, 16, 16) and batch[1] is None and batch[2] == 1
     strict = PretrainDataset(str(tmp_path / "d" / "train"), input_size=16, strict=True)
-    with pytest.raises(UnreadableImageError, match="img1.png"):
+    with pytest.raises(DatasetError, match="img1.png.*re-export.*--strict_data"):
         [strict[i] for i in range(len(strict))]
     for path in paths:  # nothing readable left: a clear error instead of an endless search
         with open(path, "wb") as f:

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import os
 import pickle
+import shutil
 import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -81,8 +82,25 @@ def load_checkpoint_file(path: Union[str, os.PathLike], map_location="cpu") -> d
 
 
 def save_checkpoint(obj: dict, path: Union[str, os.PathLike]) -> None:
-    """Write atomically: a crash mid-write leaves the previous file intact, never a partial one."""
-    atomic_save(obj, path)
+    """Write atomically: a crash mid-write leaves the previous file intact, never a partial one.
+
+    A failed write (disk full, quota, read-only or vanished folder) is a CheckpointError naming the
+    file: torch.save reports a full disk as a bare ``RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos ...``, which tells a user nothing.
+    """
+    try:
+        atomic_save(obj, path)
+    except (OSError, RuntimeError) as err:
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            free = f"{shutil.disk_usage(folder).free / 2 ** 20:.0f} MiB free there"
+        except OSError:
+            free = "the folder is not accessible"
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"could not write {path} ({type(err).__name__}: {detail}; {free}). The disk is probably full "
+            f"or the folder read-only; the previous {os.path.basename(path)}, if any, is intact. Free space "
+            f"(or pass a writable --output_dir) and re-run the same command with --auto_resume.") from err
 
 
 def extract_state_dict(ckpt: Mapping, source: str = "checkpoint") -> Dict[str, torch.Tensor]:

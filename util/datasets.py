@@ -242,7 +242,9 @@ class PretrainDataset(Dataset):
                 image, target = self.load_pair(item)
             except UnreadableImageError as err:
                 if self.strict:
-                    raise
+                    # DatasetError: the scripts turn it into one message, and its one-argument
+                    # constructor lets a DataLoader worker re-raise it as itself, message intact
+                    raise DatasetError(f"{err} (stopped by --strict_data)") from err
                 warnings.warn(f"skipping {err.path}: {err.reason} (use --strict_data to stop instead)")
                 continue
             image, target = self.crop_pair(to_unit_tensor(image),

@@ -86,3 +86,22 @@ def barrier() -> None:
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a failed or timed-out collective: another process died, hung or lost its
+    network. gloo raises these as plain RuntimeErrors whose message names gloo (``Connection reset by
+    peer``, ``Timed out waiting ... for recv``); newer backends raise ``dist.DistError``."""
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(err, RuntimeError) and any(word in str(err) for word in ("gloo", "NCCL"))
+
+
+def collective_failure_message(err: BaseException, args) -> str:
+    """The one message every surviving rank ends with (instead of a traceback from the autograd
+    engine or the backend)."""
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"error on rank {getattr(args, 'rank', 0)}: lost contact with the other processes ({detail}). "
+            "Another process probably died, was killed or hung: its own log says why (a hung one is given "
+            f"up after --dist_timeout {getattr(args, 'dist_timeout', 1800)} s). The checkpoints in "
+            f"{args.output_dir} are intact: re-run the same command with --auto_resume to continue.")

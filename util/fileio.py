@@ -74,6 +74,19 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[str], Any]) -> N
         write(tmp)
 
 
+def check_writable(folder: str | os.PathLike) -> None:
+    """Create ``folder`` and prove a file can be written in it, so a read-only or missing output
+    location fails at start-up with one message instead of at the first checkpoint, hours later."""
+    folder = os.fspath(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise SystemExit(f"error: cannot write to the output folder {folder}: {err.strerror}. Pass a "
+                         "writable --output_dir (or fix the folder's permissions or mount).") from None
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)`` atomically (checkpoints: a crash never leaves a truncated file)."""
     import torch  # local import: the rest of this module must not need torch
