@@ -134,6 +134,10 @@ def resolve_data_mode(args):
 
 def build_datasets(args):
     root, orig, blur = resolve_data_mode(args)
+    for folder in filter(None, (root, orig)):
+        if not os.path.isdir(folder):
+            raise SystemExit(f"error: the data folder {folder} does not exist or is not a folder; check "
+                             "--data_path_blurred / --data_path_orig")
     common = dict(blur=blur, input_size=input_hw(args), in_chans=args.in_chans, strict=args.strict_data)
     splits = {}
     for split in ("train", "val"):
@@ -239,7 +243,7 @@ def restore(model, optimizer, scaler, args):
     if path is None:
         return
     ckpt = load_checkpoint_file(path)
-    report = load_weights(model, ckpt, allow_unexpected=False)
+    report = load_weights(model, ckpt, allow_unexpected=False, source_name=path)
     print(f"resumed weights: {report}")
     if "optimizer" in ckpt and "epoch" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -185,8 +185,10 @@ def _adapt_tensor(name, value, target: nn.Parameter, model, report, drop_prefixe
 
 def load_weights(model: nn.Module, source: Union[str, os.PathLike, Mapping], *,
                  allowed_missing: Sequence[str] = (), allow_unexpected: bool = True,
-                 drop_mismatched: Iterable[str] = ()) -> LoadReport:
+                 drop_mismatched: Iterable[str] = (), source_name: Optional[str] = None) -> LoadReport:
     """Load ``source`` (a path, a checkpoint dict or a state dict) into ``model``.
+
+    ``source_name``: how errors and the report name a dict ``source`` (the file it was read from).
 
     ``allowed_missing``: key prefixes that may be absent (e.g. ``('head.', 'fc_norm.')`` when
     fine-tuning from a pretraining checkpoint); any other missing key is an error.
@@ -197,7 +199,7 @@ def load_weights(model: nn.Module, source: Union[str, os.PathLike, Mapping], *,
         name = os.fspath(source)
         state = extract_state_dict(load_checkpoint_file(name), name)
     else:
-        name = "state dict"
+        name = source_name or "state dict"
         state = extract_state_dict(source, name)
     report = LoadReport(source=name)
     targets = dict(model.named_parameters())

@@ -125,6 +125,20 @@ class ClassificationDataset(Dataset):
         if not self.samples:
             raise DatasetError(f"no images found in {self.split_root}/<class>/. Expected image files (PNG, "
                                "JPEG, TIFF, BMP, DICOM, ...) in one sub-folder per class; check --data_path.")
+        self._check_every_class_has_images()
+
+    def _check_every_class_has_images(self) -> None:
+        """An empty (or missing) class folder: an error in train/ (that class could never be learnt,
+        silently), a warning elsewhere (metrics over every class become undefined or partial)."""
+        empty = [name for name, count in self.class_counts().items() if count == 0]
+        if not empty:
+            return
+        folders = ", ".join(os.path.join(self.split_root, name) for name in empty)
+        if self.split == "train":
+            raise DatasetError(f"{folders}: no training images of class(es) {empty} (the folder is empty or "
+                               "missing). Add images to it, or remove that class folder from every split.")
+        warnings.warn(f"{folders}: no {self.split} images of class(es) {empty}; metrics on {self.split} that "
+                      "need every class (AUROC, balanced accuracy) are undefined or partial")
 
     def _index(self) -> List[Tuple[str, int, int, int]]:
         """(path relative to the split folder, frame, frame count, label) for every sample."""

@@ -10,6 +10,7 @@ as "ignore" or as background would corrupt training without a trace.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import os.path as osp
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,8 @@ from mmseg.datasets import BaseSegDataset
 from mmseg.registry import DATASETS
 from PIL import Image
 
+from util.image_io import UnreadableImageError
+
 BINARY_01 = '0/1'
 BINARY_0255 = '0/255'
 EMPTY = 'empty'  # only background: valid under both encodings
@@ -31,17 +34,29 @@ class MaskFormatError(ValueError):
     """A mask file the dataset cannot use; the message names the file and the fix."""
 
 
+@contextlib.contextmanager
+def _opened(path: str):
+    """``Image.open`` whose failures (empty, truncated, not an image) name the file and the fix
+    instead of Pillow's bare 'image file is truncated' from inside a thread pool."""
+    try:
+        with Image.open(path) as image:
+            yield image
+    except (OSError, SyntaxError, ValueError) as err:  # Pillow's ways of saying "not a whole image"
+        raise UnreadableImageError(path, f'{type(err).__name__}: {err}') from None
+
+
 def mask_encoding(mask_path: str, image_path: str) -> str:
     """``'0/1'``, ``'0/255'`` or ``'empty'`` for one mask file; ``MaskFormatError`` otherwise."""
-    with Image.open(mask_path) as mask_file:
+    with _opened(mask_path) as mask_file:
         mask = np.asarray(mask_file)  # palette PNGs give their indices, as mmseg's loader does
     if mask.ndim != 2:
         raise MaskFormatError(
             f'{mask_path}: mask has shape {mask.shape}; masks must be single-channel images '
             '(0/1 or 0/255). Save it as a greyscale PNG, e.g. with '
             'cv2.imwrite(path, (cv2.imread(path, cv2.IMREAD_GRAYSCALE) > 127).astype("uint8"))')
-    with Image.open(image_path) as image_file:
+    with _opened(image_path) as image_file:
         width, height = image_file.size  # header only
+        image_file.verify()  # PNG: every chunk's CRC and the end marker, without decoding pixels
     if mask.shape != (height, width):
         raise MaskFormatError(f'{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image '
                               f'{image_path} is {width}x{height}; masks must match their images')
