@@ -17,7 +17,7 @@ import main_pretrain
 from util.checkpoint import save_checkpoint
 from util.cls_datasets import ClassificationDataset, build_transform
 from util.datasets import DatasetError, PretrainDataset
-from util.registry import finetune_models, pretrain_models
+from util.registry import pretrain_models
 
 SEG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "SEG")
 RNG = np.random.default_rng(0)
