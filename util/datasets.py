@@ -147,10 +147,15 @@ def sample_crop_box(height: int, width: int, gen: torch.Generator,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def resize_box(img: torch.Tensor, box, size: Tuple[int, int]) -> torch.Tensor:
-    """Crop ``box`` of a C x H x W tensor and resize it bicubically (antialiased) to ``size``."""
+def resize_box(img: np.ndarray, box, size: Tuple[int, int]) -> torch.Tensor:
+    """Cut ``box`` out of an H x W x C integer image, then convert it to float and resize it
+    bicubically (antialiased) to ``size``: C x H x W in [0, 1].
+
+    Cutting before the float conversion gives the same numbers (the resize only reads the box) and
+    keeps memory bounded by the crop, not the whole image (a 10000 x 10000 scan).
+    """
     top, left, h, w = box
-    crop = img[:, top:top + h, left:left + w].unsqueeze(0)
+    crop = to_unit_tensor(img[top:top + h, left:left + w]).unsqueeze(0)
     out = F.interpolate(crop, size=size, mode="bicubic", align_corners=False, antialias=True)
     return out.squeeze(0).clamp_(0.0, 1.0)
 
@@ -247,15 +252,15 @@ class PretrainDataset(Dataset):
                     raise DatasetError(f"{err} (stopped by --strict_data)") from err
                 warnings.warn(f"skipping {err.path}: {err.reason} (use --strict_data to stop instead)")
                 continue
-            image, target = self.crop_pair(to_unit_tensor(image),
-                                           to_unit_tensor(target) if target is not None else None)
+            image, target = self.crop_pair(image, target)
             return image, target, attempt
         raise DatasetError(f"{MAX_SUBSTITUTES + 1} consecutive images from {self.samples[index][0]} on are "
                            "unreadable; check the dataset (see the warnings above for the files)")
 
-    def crop_pair(self, image: torch.Tensor, target: Optional[torch.Tensor]):
-        """One crop box and one flip decision, applied to both images."""
-        height, width = image.shape[-2:]
+    def crop_pair(self, image: np.ndarray, target: Optional[np.ndarray]):
+        """One crop box and one flip decision, applied to both images (H x W x C arrays in,
+        C x H x W tensors out)."""
+        height, width = image.shape[:2]
         if self.train:
             gen = self.generator()
             box = sample_crop_box(height, width, gen)
