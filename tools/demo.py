@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`make demo`: the whole Deblurring MIM method on synthetic thyroid ultrasound, in minutes on a CPU.
+"""`make demo`: the whole Deblurring MIM method on synthetic thyroid ultrasound, in minutes on CPU.
 
     python tools/demo.py [--out demo_out] [--quick] [--seed 0] [--figure_dir figure]
 
@@ -51,8 +51,8 @@ FINETUNE_MODEL = "vit_tiny_patch16"
 SEG_CONFIGS = {True: SEG_DIR / "configs/demo/upernet_de_mae_vit_tiny_synthetic_128.py",
                False: SEG_DIR / "configs/demo/upernet_mae_vit_tiny_synthetic_128.py"}
 NOTICE = ("Tiny models (ViT-Tiny: 2 blocks, 96 channels) trained for {minutes} on {images} "
-          "synthetic images made by tools/synthetic_us.py, on {device}. These numbers show that the "
-          "pipeline runs end to end; they say nothing about the method on real ultrasound "
+          "synthetic images made by tools/synthetic_us.py, on {device}. These numbers show that "
+          "the pipeline runs end to end; they say nothing about the method on real ultrasound "
           "(see the published results).")
 # the README copies of the figures (--figure_dir) must stay small
 FIGURE_COPIES = {"reconstruction": "demo_reconstruction.png", "roc": "demo_roc.png",
@@ -497,9 +497,9 @@ def run_demo(out: Path, scale: Scale, seed: int, workers: int, parallel: int,
 
     make_data(runner, lay, scale, seed)
     runner.run(*(pretrain_job(lay, arm, scale, seed, workers) for arm in pretrained))
-    for arm in pretrained:
-        if not pretrain_checkpoint(lay, arm, scale).is_file():
-            raise DemoError(f"main_pretrain.py did not write {pretrain_checkpoint(lay, arm, scale)}")
+    for checkpoint in (pretrain_checkpoint(lay, arm, scale) for arm in pretrained):
+        if not checkpoint.is_file():
+            raise DemoError(f"main_pretrain.py did not write {checkpoint}")
     dmae = next(arm for arm in ARMS if arm.blurred)
     runner.run(*(seg_train_job(lay, arm, scale, seed) for arm in ARMS),
                *(finetune_job(lay, arm, scale, seed, workers) for arm in ARMS),

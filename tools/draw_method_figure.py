@@ -129,7 +129,8 @@ def draw(out_dir: Path) -> list[Path]:
     box(ax, 91, y + 2.5, 8, 6, "MSE\nloss", COLOURS["loss"], weight="bold")
     arrow(ax, (88.5, y + s / 2), (91, y + s / 2))
     # the target is the sharp image, not the blurred input: the point of the method
-    ax.add_patch(FancyArrowPatch((6.5, y + s + 0.3), (95, y + 8.8), connectionstyle="arc3,rad=-0.12",
+    ax.add_patch(FancyArrowPatch((6.5, y + s + 0.3), (95, y + 8.8),
+                                 connectionstyle="arc3,rad=-0.12",
                                  arrowstyle="-|>", mutation_scale=12, linewidth=1.2,
                                  linestyle="--", color="#a61c00", shrinkA=2, shrinkB=2))
     ax.text(50, 41.3, "target: the original sharp image (vanilla MAE: input = target, no blur)",
