@@ -456,15 +456,21 @@ def segmentation_figure(lay: Layout, rows: list[dict], path: Path, n_images: int
 
 
 def compact_copy(src: Path, dst: Path, max_bytes: int = 200_000) -> Path:
-    """A small PNG for the README: 256-colour palette, halved until under ``max_bytes``."""
+    """A PNG under ``max_bytes`` for the README: a palette of 256, 128 or 64 colours (speckle
+    compresses badly; grey levels survive 64 well), then 80 % smaller steps if still too big."""
     from PIL import Image
 
     image = Image.open(src).convert("RGB")
+    palettes = [256, 128, 64]
     while True:
-        image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
+        image.quantize(colors=palettes[0], method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
         if dst.stat().st_size <= max_bytes or min(image.size) < 64:
             return dst
-        image = image.resize((image.width // 2, image.height // 2), Image.Resampling.LANCZOS)
+        if len(palettes) > 1:
+            palettes.pop(0)
+        else:
+            image = image.resize((image.width * 4 // 5, image.height * 4 // 5),
+                                 Image.Resampling.LANCZOS)
 
 
 # ----------------------------------------------------------------------------------- main
