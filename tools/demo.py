@@ -481,6 +481,13 @@ def device_name() -> str:
     return f"CPU ({os.cpu_count()} cores)"
 
 
+def fill_import_caches() -> None:
+    """Import mmengine once before SEG runs start side by side. Its first import after an
+    installation (a fresh clone) makes yapf rewrite its grammar cache in ~/.cache/YAPF; two
+    processes doing that at once read each other's half-written file and stop (EOFError)."""
+    import mmengine.config  # noqa: F401
+
+
 def prepare_output(lay: Layout) -> None:
     """Start from a clean slate in the folders this script owns (a previous demo's outputs would
     otherwise be skipped or mixed in); anything else under --out is left alone."""
@@ -494,6 +501,7 @@ def run_demo(out: Path, scale: Scale, seed: int, workers: int, parallel: int,
              threads: int | None, figure_dir: Path | None = None) -> dict:
     lay = Layout(out)
     prepare_output(lay)
+    fill_import_caches()
     device = device_name()
     print(f"Deblurring MIM demo on {device}, {parallel} run(s) at a time: outputs in {out}")
     pretrained = [arm for arm in ARMS if arm.pretrain_model]
