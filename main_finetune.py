@@ -39,7 +39,7 @@ from util.metrics import (METRIC_NAMES, evaluate_and_write, evaluate_predictions
                           gather_unique_predictions, resolve_pos_class)
 from util.registry import finetune_models
 from util.training import (StopTraining, amp_dtype, append_log, check_nonfinite, epoch_seed,
-                           install_sigterm_handler, log_progress, step_optimizer)
+                           install_sigterm_handler, log_progress, plain_args, run_cli, step_optimizer)
 
 # --select_metric choices (published names) -> util.metrics names
 SELECT_METRICS = {"acc": "accuracy", "auc": "auroc", "f1": "f1", "balanced_acc": "balanced_accuracy"}
@@ -506,11 +506,6 @@ def evaluate_and_report(model, loader, split, args, class_names, pos_class):
 
 
 # ------------------------------------------------------------------------------ checkpoints out
-def plain_args(args) -> dict:
-    """Settings recorded in checkpoints (plain types only: loadable with weights_only=True)."""
-    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
-
-
 def save_last(model, optimizer, scaler, epoch, best, args) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
              "scaler": scaler.state_dict() if scaler is not None else None, "best": best, "args": plain_args(args)}
@@ -717,16 +712,7 @@ def main(args):
 
 
 def cli(argv=None):
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except (DatasetError, CheckpointError) as err:
-        raise SystemExit(f"error: {err}")
-    except Exception as err:
-        # a dead or hung rank: one message on the survivors, not a traceback from the autograd engine
-        if not (getattr(args, "distributed", False) and du.is_collective_failure(err)):
-            raise
-        raise SystemExit(du.collective_failure_message(err, args)) from None
+    run_cli(main, get_args_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import glob
 import os
 import random
 import re
-import sys
 import time
 import warnings
 
@@ -24,15 +23,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 from models_mae import LOSS_REGIONS, is_deblurring_model
 from util import distributed as du
 from util.blur import add_blur_arguments, blur_spec_from_args
-from util.checkpoint import CheckpointError, load_checkpoint_file, load_weights, save_checkpoint
-from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, DatasetError, PretrainDataset, collate_skip_bad,
+from util.checkpoint import load_checkpoint_file, load_weights, save_checkpoint
+from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, PretrainDataset, collate_skip_bad,
                            dataset_mean_std, limit_worker_threads, split_folder)
-from util.fileio import atomic_write_text, check_writable
+from util.fileio import check_writable
 from util.lr_decay import param_groups
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.registry import pretrain_models
 from util.training import (StopTraining, amp_dtype, append_log, check_nonfinite, epoch_seed,
-                            install_sigterm_handler, log_progress, step_optimizer)
+                            install_sigterm_handler, log_progress, plain_args, run_cli, step_optimizer)
 from util.visualize import panels_to_grid, reconstruction_panels, save_grid_png
 
 
@@ -198,7 +197,7 @@ def build_optimizer(model, args):
 def checkpoint_state(model, optimizer, scaler, epoch, args):
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}}
+            "args": plain_args(args)}
 
 
 def save_epoch_checkpoint(state, epoch, args, numbered: bool):
@@ -432,16 +431,7 @@ def main(args):
 
 
 def cli(argv=None):
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except (DatasetError, CheckpointError) as err:
-        raise SystemExit(f"error: {err}")
-    except Exception as err:
-        # a dead or hung rank: one message on the survivors, not a traceback from the autograd engine
-        if not (getattr(args, "distributed", False) and du.is_collective_failure(err)):
-            raise
-        raise SystemExit(du.collective_failure_message(err, args)) from None
+    run_cli(main, get_args_parser(), argv)
 
 
 if __name__ == "__main__":

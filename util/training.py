@@ -106,3 +106,29 @@ def log_progress(epoch, it, steps, mean_loss, images, start, lr, writer, args):
         step = int((epoch + (it + 1) / steps) * 1000)
         writer.add_scalar("train_loss", mean_loss, step)
         writer.add_scalar("lr", lr, step)
+
+
+def plain_args(args) -> dict:
+    """Settings recorded in checkpoints (plain types only: loadable with weights_only=True)."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+
+
+def run_cli(main, parser, argv=None) -> None:
+    """Parse the command line and run ``main``; the failures a user can cause end in one message.
+
+    Bad data and unusable checkpoints raise DatasetError / CheckpointError, whose messages name the
+    file and the fix. A dead or hung rank surfaces on the survivors as an error from deep inside a
+    collective: that too becomes one message instead of a traceback from the autograd engine.
+    """
+    from util.checkpoint import CheckpointError
+    from util.datasets import DatasetError
+
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except (DatasetError, CheckpointError) as err:
+        raise SystemExit(f"error: {err}")
+    except Exception as err:
+        if not (getattr(args, "distributed", False) and du.is_collective_failure(err)):
+            raise
+        raise SystemExit(du.collective_failure_message(err, args)) from None
