@@ -50,10 +50,10 @@ BLUR_SIGMA = "1.1"
 FINETUNE_MODEL = "vit_tiny_patch16"
 SEG_CONFIGS = {True: SEG_DIR / "configs/demo/upernet_de_mae_vit_tiny_synthetic_128.py",
                False: SEG_DIR / "configs/demo/upernet_mae_vit_tiny_synthetic_128.py"}
-NOTICE = ("Tiny models (ViT-Tiny: 2 blocks, 96 channels) trained for {minutes} on {images} "
-          "synthetic images made by tools/synthetic_us.py, on {device}. These numbers show that "
-          "the pipeline runs end to end; they say nothing about the method on real ultrasound "
-          "(see the published results).")
+NOTICE = ("Tiny models (ViT-Tiny: 2 blocks, 96 channels) trained on {images} synthetic images "
+          "made by tools/synthetic_us.py; the whole demo took {minutes} on {device}. These "
+          "numbers show that the pipeline runs end to end; they say nothing about the method on "
+          "real ultrasound (see the published results).")
 # the README copies of the figures (--figure_dir) must stay small
 FIGURE_COPIES = {"reconstruction": "demo_reconstruction.png", "roc": "demo_roc.png",
                  "segmentation": "demo_segmentation.png"}
@@ -533,7 +533,7 @@ def run_demo(out: Path, scale: Scale, seed: int, workers: int, parallel: int,
             compact_copy(figures[key], figure_dir / name)
     total = time.perf_counter() - start
     table = results_table(rows, scale)
-    notice = NOTICE.format(minutes=f"{total / 60:.1f} min in all",
+    notice = NOTICE.format(minutes=f"{total / 60:.1f} min",
                            images=scale.num_pretrain + scale.num_labelled, device=device)
     write_results(lay, table, notice, rows, figures, runner, scale, seed, total, device)
     print(f"\n{table}\n\n{notice}\n")
