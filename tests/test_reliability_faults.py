@@ -225,8 +225,10 @@ def test_finetune_kill_at_random_point_and_inside_checkpoint_write_then_auto_res
     out = tmp_path / "run"
     args = finetune_args(cls_data, out, "--auto_resume")
     proc = start("main_finetune.py", args, tmp_path / "1.log")
-    wait_until(printed(tmp_path / "1.log", "epoch 0 [1/6]"), proc, what="the first step")
-    time.sleep(random.Random(7).uniform(0.0, 2.0))
+    # kill -9 at a random (seeded) step of the first epoch; a timed sleep instead let a fast,
+    # idle machine finish the whole run before the kill
+    step = random.Random(7).randint(1, 6)
+    wait_until(printed(tmp_path / "1.log", f"epoch 0 [{step}/6]"), proc, what="the kill step")
     kill9(proc)
     check_checkpoints_complete(out)
     marker, wrapper = tmp_path / "paused", tmp_path / "pause_in_save.py"
