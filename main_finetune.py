@@ -128,15 +128,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--log_dir", default=None, type=str, help="TensorBoard folder (default: output_dir)")
     p.add_argument("--print_freq", default=20, type=int, help="log every N iterations")
     p.add_argument("--seed", default=0, type=int)
-    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    # accepted for compatibility with the published launch lines; torchrun's environment is used
-    p.add_argument("--world_size", default=1, type=int, help=argparse.SUPPRESS)
-    p.add_argument("--local_rank", "--local-rank", default=-1, type=int, help=argparse.SUPPRESS)
-    p.add_argument("--dist_on_itp", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--dist_url", default="env://", help=argparse.SUPPRESS)
-    p.add_argument("--dist_timeout", default=1800, type=int,
-                   help="seconds a process waits for the others in a collective before failing "
-                        "(a dead or hung rank then stops the run instead of hanging it)")
+    du.add_launch_arguments(p)
     return p
 
 

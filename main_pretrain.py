@@ -87,16 +87,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto_resume", action="store_true", help="resume from output_dir/checkpoint-last.pth if present")
     p.add_argument("--start_epoch", default=0, type=int)
     p.add_argument("--seed", default=0, type=int)
-    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--max_steps_per_epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests/benchmarks
-    # accepted for compatibility with the published launch lines; torchrun's environment is used
-    p.add_argument("--world_size", default=1, type=int, help=argparse.SUPPRESS)
-    p.add_argument("--local_rank", "--local-rank", default=-1, type=int, help=argparse.SUPPRESS)
-    p.add_argument("--dist_on_itp", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--dist_url", default="env://", help=argparse.SUPPRESS)
-    p.add_argument("--dist_timeout", default=1800, type=int,
-                   help="seconds a process waits for the others in a collective before failing "
-                        "(a dead or hung rank then stops the run instead of hanging it)")
+    du.add_launch_arguments(p)
     return p
 
 
