@@ -4,12 +4,17 @@
     python tools/benchmark.py data  --data_path /data/orig --blur gaussian --num_workers 16 --batch_size 64
     python tools/benchmark.py e2e   --model dmae_vit_base_patch16 --data_path /data/orig --blur gaussian ...
 
-``model`` times forward + backward + fused AdamW on synthetic tensors (mask ratio 0.75) and reports
+``model`` times forward + backward + AdamW on synthetic tensors (mask ratio 0.75) and reports
 images/s, step time, peak GPU memory and model TFLOP/s (FLOPs of one step counted by
 ``torch.utils.flop_counter``). ``data`` times the DataLoader of ``main_pretrain.py`` over a folder
 (paired, on-the-fly blur or plain). ``e2e`` feeds that loader into the model step. Every mode prints
 a table and, with ``--json``, writes the numbers. On a CPU use a tiny model and few steps
 (``--tiny`` sets both).
+
+The performance levers of the model step are flags, so that each can be measured on its own:
+``--precision`` (with ``--scaler`` for the GradScaler), ``--optimizer`` (AdamW implementation),
+``--compile`` / ``--compile_mode`` and ``--channels_last``. Every setting is recorded in the result.
+``tools/benchmark_suite.py`` runs a list of such configurations, one process each.
 """
 from __future__ import annotations
 
@@ -34,6 +39,13 @@ from util.training import step_optimizer  # noqa: E402
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# AdamW implementations. "plain" passes neither flag, as the published code does: torch then picks
+# the multi-tensor (foreach) kernels on CUDA and the per-parameter loop elsewhere.
+OPTIMIZERS = ("fused", "foreach", "plain")
+DEFAULT_STEPS, DEFAULT_WARMUP = 30, 10
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=("model", "data", "e2e"))
@@ -43,9 +55,20 @@ def parse_args(argv=None):
     p.add_argument("--in_chans", type=int, default=3)
     p.add_argument("--mask_ratio", type=float, default=0.75)
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16")
+    p.add_argument("--scaler", choices=("auto", "on", "off"), default="auto",
+                   help="GradScaler: auto = on for fp16 only (as in training); on/off force it, to time its cost")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="fused",
+                   help="AdamW implementation: fused=True, foreach=True, or plain (neither flag: torch's "
+                        "default, what the published code uses)")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--steps", type=int, default=30, help="timed steps (model) or batches (data/e2e)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, caches)")
+    p.add_argument("--compile_mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode (with --compile)")
+    p.add_argument("--channels_last", action="store_true",
+                   help="model and inputs in torch.channels_last (acts on the ConvViT stages; harmless for ViT)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"timed steps (model) or batches (data/e2e); default {DEFAULT_STEPS} (2 with --tiny)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"untimed steps first (compilation, caches); default {DEFAULT_WARMUP} (1 with --tiny)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data_path", default="", help="images (originals; or the blurred copy with --data_path_orig)")
     p.add_argument("--data_path_orig", default="", help="paired mode: the original tree")
@@ -54,34 +77,97 @@ def parse_args(argv=None):
     p.add_argument("--json", default="", help="also write the results here")
     add_blur_arguments(p, prefix="blur_", method_flag="--blur", default_method=None)
     args = p.parse_args(argv)
+    if args.compile_mode != "default" and not args.compile:
+        p.error(f"--compile_mode {args.compile_mode} needs --compile")
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be at least 1")
     if args.tiny:
         args.model = args.model.replace("base", "tiny").replace("large", "tiny").replace("huge", "tiny")
-        args.batch_size, args.input_size, args.steps, args.warmup = 4, 64, 2, 1
+        args.batch_size, args.input_size = 4, 64
+        args.steps = 2 if args.steps is None else args.steps
+        args.warmup = 1 if args.warmup is None else args.warmup
         args.precision = "fp32" if args.device == "cpu" else args.precision
+    args.steps = DEFAULT_STEPS if args.steps is None else args.steps
+    args.warmup = DEFAULT_WARMUP if args.warmup is None else args.warmup
     return args
 
 
 # ------------------------------------------------------------------------------ model step
+def uses_scaler(args) -> bool:
+    setting = getattr(args, "scaler", "auto")
+    return setting == "on" or (setting == "auto" and args.precision == "fp16")
+
+
+def make_optimizer(model, name: str):
+    kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True}, "plain": {}}[name]
+    return torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), **kwargs)
+
+
+def optimizer_impl(name: str, device: str) -> str:
+    """The AdamW kernels that run: "plain" resolves as torch resolves it."""
+    if name == "plain":
+        return "foreach" if device.startswith("cuda") else "for-loop"
+    return name
+
+
 def build_step(args):
-    """Model, optimizer and a ``step(inputs, targets) -> loss`` closure as in main_pretrain.py."""
-    model = pretrain_models().create(args.model, img_size=args.input_size, in_chans=args.in_chans).to(args.device)
-    fused = args.device.split(":")[0] in ("cuda", "cpu")
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=fused)
-    dtype = PRECISIONS[args.precision]
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    run = torch.compile(model) if args.compile else model
+    """Model, optimizer and a ``step(inputs, targets) -> loss`` closure as in main_pretrain.py.
+
+    The levers (``args.optimizer``, ``args.scaler``, ``args.compile_mode``, ``args.channels_last``)
+    default to the training configuration when absent from ``args``.
+    """
     device_type = args.device.split(":")[0]
+    channels_last = getattr(args, "channels_last", False)
+    opt_name = getattr(args, "optimizer", "fused")
+    mode = getattr(args, "compile_mode", "default")
+    model = pretrain_models().create(args.model, img_size=args.input_size, in_chans=args.in_chans).to(args.device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, opt_name)
+    fused = opt_name == "fused"
+    dtype = PRECISIONS[args.precision]
+    scaler = torch.amp.GradScaler(device_type) if uses_scaler(args) else None
+    run = torch.compile(model, mode=None if mode == "default" else mode) if args.compile else model
+    # CUDA graphs (reduce-overhead) reuse their output buffers: mark where each training step begins
+    cudagraphs = args.compile and mode == "reduce-overhead"
+    layout = torch.channels_last if channels_last else torch.contiguous_format
 
     def step(inputs, targets):
+        inputs = inputs.contiguous(memory_format=layout)  # no copy when already in that layout
+        if targets is not None:
+            targets = targets.contiguous(memory_format=layout)
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         ctx = torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext()
         with ctx:
             loss, _, _ = run(inputs, targets, mask_ratio=args.mask_ratio)
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        step_optimizer(optimizer, scaler, torch.isfinite(loss.detach()), fused_skip=fused and scaler is None)
+        if scaler is not None or fused:
+            step_optimizer(optimizer, scaler, torch.isfinite(loss.detach()), fused_skip=fused and scaler is None)
+        else:
+            # foreach / plain without a scaler: training would check for non-finite values on the
+            # host (a sync per step); the benchmark times the optimizer implementation alone.
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
     return model, step
+
+
+def lever_settings(args) -> dict:
+    """The model-step levers of a run, as recorded in its result."""
+    scaler = uses_scaler(args)
+    opt_name = getattr(args, "optimizer", "fused")
+    if scaler:
+        nonfinite = "GradScaler"
+    elif opt_name == "fused":
+        nonfinite = "on device (fused found_inf)"
+    else:
+        nonfinite = "none (benchmark only)"
+    return {"compile_mode": getattr(args, "compile_mode", "default") if args.compile else None,
+            "channels_last": bool(getattr(args, "channels_last", False)),
+            "optimizer": opt_name, "optimizer_impl": optimizer_impl(opt_name, args.device),
+            "scaler": scaler, "nonfinite_check": nonfinite}
 
 
 def count_step_flops(model, args) -> float:
@@ -101,27 +187,47 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+def split_steps(steps: int, windows: int = 3):
+    """``steps`` as up to ``windows`` nearly equal chunks (each timed on its own, for the spread)."""
+    windows = max(1, min(windows, steps))
+    return [steps // windows + (1 if i < steps % windows else 0) for i in range(windows)]
+
+
 def time_model(args):
     model, step = build_step(args)
     flops = count_step_flops(model, args)
-    x = torch.randn(args.batch_size, args.in_chans, args.input_size, args.input_size, device=args.device)
+    layout = torch.channels_last if getattr(args, "channels_last", False) else torch.contiguous_format
+    x = torch.randn(args.batch_size, args.in_chans, args.input_size, args.input_size,
+                    device=args.device).contiguous(memory_format=layout)
     y = torch.randn_like(x)
+    cuda = args.device.startswith("cuda")
+    begin = time.perf_counter()
     for _ in range(args.warmup):
         step(x, y)
     synchronize(args.device)
-    if args.device.startswith("cuda"):
+    warmup_s = time.perf_counter() - begin
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step(x, y)
-    synchronize(args.device)
-    elapsed = time.perf_counter() - start
+    window_rates, elapsed = [], 0.0
+    for n in split_steps(args.steps):
+        start = time.perf_counter()
+        for _ in range(n):
+            loss = step(x, y)
+        synchronize(args.device)
+        took = time.perf_counter() - start
+        elapsed += took
+        window_rates.append(n * args.batch_size / took)
     images_per_sec = args.steps * args.batch_size / elapsed
-    return {"mode": "model", "model": args.model, "batch": args.batch_size, "precision": args.precision,
-            "compile": args.compile, "img_per_s": images_per_sec, "step_ms": 1000 * elapsed / args.steps,
+    spread = (max(window_rates) - min(window_rates)) / images_per_sec * 100
+    return {"mode": "model", "model": args.model, "batch": args.batch_size, "input_size": args.input_size,
+            "in_chans": args.in_chans, "precision": args.precision, "compile": args.compile,
+            **lever_settings(args),
+            "img_per_s": images_per_sec, "step_ms": 1000 * elapsed / args.steps,
+            "window_img_per_s": [round(r, 1) for r in window_rates], "spread_pct": spread,
             "gflop_per_img": flops / 1e9, "model_tflops": flops * images_per_sec / 1e12,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if args.device.startswith("cuda") else None,
-            "final_loss": float(loss), "device": device_name(args.device)}
+            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
+            "warmup_s": warmup_s, "steps": args.steps, "warmup": args.warmup,
+            "final_loss": float(loss), "device": device_name(args.device), "torch": torch.__version__}
 
 
 # ------------------------------------------------------------------------------ data
