@@ -31,7 +31,7 @@ from util.checkpoint import (FIRST_CONV_KEYS, CheckpointError, extract_state_dic
                              load_weights, save_checkpoint)
 from util.cls_datasets import (RANDAUGMENT, SPLITS, ClassificationDataset, build_transform, collate_labelled,
                                find_class_names, pixel_mean_std, resolve_class_names)
-from util.datasets import IMAGENET_MEAN, IMAGENET_STD, DatasetError, limit_worker_threads
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD, DatasetError, worker_options
 from util.fileio import check_writable
 from util.lr_decay import param_groups
 from util.lr_sched import adjust_learning_rate, effective_lr
@@ -261,7 +261,7 @@ def make_loader(dataset, args, train: bool):
     loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                         pin_memory=args.pin_mem and str(args.device).startswith("cuda"), drop_last=train,
                         collate_fn=collate_labelled, generator=generator, persistent_workers=False,
-                        worker_init_fn=limit_worker_threads)
+                        **worker_options(args.num_workers))
     if train and len(loader) == 0:
         raise SystemExit(f"{dataset.split_root}: {len(dataset)} training images make no full batch of "
                          f"--batch_size {args.batch_size} per process x {du.get_world_size()} processes; "

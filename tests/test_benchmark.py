@@ -25,7 +25,13 @@ def test_data_and_e2e_modes(tmp_path):
                            "--blur", "gaussian", "--num_workers", "0"])
     assert data["img_per_s"] > 0 and data["blur"] == "gaussian"
     e2e = benchmark.main(["e2e", "--tiny", "--device", "cpu", "--data_path", str(tmp_path), "--num_workers", "0"])
-    assert e2e["img_per_s"] > 0
+    assert e2e["img_per_s"] > 0 and e2e["model_only_img_per_s"] > 0
+    assert e2e["e2e_fraction"] == e2e["img_per_s"] / e2e["model_only_img_per_s"]
+    # through the decoded cache (built on first use, in a folder of the cache's own)
+    cached = benchmark.main(["data", "--tiny", "--device", "cpu", "--data_path", str(tmp_path), "--blur",
+                             "gaussian", "--num_workers", "0", "--cache_dir", str(tmp_path / "cache")])
+    assert cached["img_per_s"] > 0 and cached["cache"] is True
+    assert len(list((tmp_path / "cache").glob("*/meta.json"))) == 1
 
 
 def losses(precision, steps=6):

@@ -63,7 +63,13 @@ def test_budget_skips_the_rest(tmp_path):
 def test_every_configuration_is_a_valid_benchmark_command(name):
     for config in benchmark_suite.SETS[name]:
         args = benchmark.parse_args(benchmark_suite.config_argv(config))
-        assert args.model == config["model"] and args.precision == config["precision"]
+        assert args.mode == config.get("mode", "model")
+        if config.get("tiny"):
+            continue  # --tiny replaces the model, size and precision
+        assert args.model == config.get("model", "dmae_vit_base_patch16")
+        assert args.precision == config.get("precision", "bf16")
+        assert args.num_workers == config.get("num_workers", 8)
+        assert args.cache_dir == config.get("cache_dir", "")
         assert args.compile_mode == config.get("compile_mode", "default")
         assert args.channels_last == config.get("channels_last", False)
 
@@ -130,3 +136,20 @@ def test_lever_settings_are_recorded():
         benchmark.parse_args(["model", "--compile_mode", "max-autotune"])  # a mode without --compile
     assert benchmark.split_steps(30) == [10, 10, 10] and benchmark.split_steps(2) == [1, 1]
     assert benchmark.split_steps(7) == [3, 2, 2]
+
+
+def test_data_set_makes_its_images_and_measures_loader_and_e2e(tmp_path):
+    images, cache = tmp_path / "images", tmp_path / "cache"
+    stdout, records, md = run_suite(tmp_path / "out", "--set", "tiny_data", "--images", str(images),
+                                    "--make_images", "6", "--cache", str(cache))
+    assert [r["status"] for r in records] == ["ok", "ok"], records
+    data, e2e = records[0]["result"], records[1]["result"]
+    assert data["mode"] == "data" and data["cache"] is True and data["img_per_s"] > 0
+    assert e2e["mode"] == "e2e" and 0 < e2e["e2e_fraction"] and e2e["cache"] is False
+    assert len(list(cache.glob("*/meta.json"))) == 1  # the cache the first run built
+    pngs = sorted(images.glob("*.png"))
+    assert len(pngs) == 6 and "6 images in" in stdout
+    import cv2
+    first = cv2.imread(str(pngs[0]), cv2.IMREAD_UNCHANGED)
+    assert first.shape == (512, 512) and first.dtype == np.uint8 and first.std() > 10  # speckle, not flat
+    assert "| tiny e2e | e2e |" in md

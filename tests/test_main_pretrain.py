@@ -80,10 +80,13 @@ def test_on_the_fly_blur_and_grey(data, tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(data, tmp_path):
+    # with persistent workers: the uninterrupted run keeps its workers across epochs, the resumed
+    # one starts new ones; the crops still match because each index travels with its epoch seed
     full = tmp_path / "full"
-    run(data, full, "--eval_freq", "100", "--save_freq", "1", epochs=3)
+    run(data, full, "--eval_freq", "100", "--save_freq", "1", "--num_workers", "2", epochs=3)
     resumed = tmp_path / "resumed"
-    log = run(data, resumed, "--resume", str(full / "checkpoint-1.pth"), "--eval_freq", "100", epochs=3)
+    log = run(data, resumed, "--resume", str(full / "checkpoint-1.pth"), "--eval_freq", "100",
+              "--num_workers", "2", epochs=3)
     assert [entry["epoch"] for entry in log] == [2]
     a = torch.load(full / "checkpoint-last.pth", weights_only=True)
     b = torch.load(resumed / "checkpoint-last.pth", weights_only=True)
@@ -92,6 +95,37 @@ def test_resume_equals_uninterrupted_run(data, tmp_path):
     for key, state in a["optimizer"]["state"].items():
         assert torch.equal(state["exp_avg"], b["optimizer"]["state"][key]["exp_avg"])
         assert torch.equal(state["step"], b["optimizer"]["state"][key]["step"])
+
+
+def test_decoded_cache_trains_exactly_as_decoding(data, tmp_path):
+    plain = run(data, tmp_path / "plain", "--eval_freq", "1", epochs=2)
+    cache = tmp_path / "cache"
+    cached = run(data, tmp_path / "cached", "--eval_freq", "1", "--cache_dir", str(cache),
+                 "--num_workers", "2", epochs=2)
+    for key in ("train_loss", "val_loss"):
+        assert [e[key] for e in cached] == [e[key] for e in plain], key
+    built = sorted(os.listdir(cache))
+    assert len(built) == 2  # one cache for the training split, one for validation
+    stamps = {f: os.stat(f).st_mtime_ns for f in cache.glob("*/*")}
+    # a second run reuses both caches without writing them again
+    again = run(data, tmp_path / "again", "--eval_freq", "1", "--cache_dir", str(cache), epochs=1)
+    assert again[0]["train_loss"] == plain[0]["train_loss"]
+    assert {f: os.stat(f).st_mtime_ns for f in cache.glob("*/*")} == stamps
+
+
+def test_cache_only_builds_per_blur_setting_and_exits(data, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    base = ["--model", "dmae_vit_tiny_patch16", "--output_dir", str(tmp_path / "out"), "--data_path_orig",
+            str(data / "orig"), "--blur", "gaussian", "--input_size", "32", "--num_workers", "0",
+            "--device", "cpu", "--cache_dir", str(cache), "--cache_only"]
+    main_pretrain.cli(base + ["--blur_sigma", "1.1"])
+    assert "decoded cache ready" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "out" / "log.txt")  # nothing trained
+    first = set(os.listdir(cache))
+    main_pretrain.cli(base + ["--blur_sigma", "2.0"])  # another blur: other arrays, other caches
+    assert len(first) == 2 and len(set(os.listdir(cache)) - first) == 2
+    with pytest.raises(SystemExit, match="--cache_only needs --cache_dir"):
+        main_pretrain.cli(base[:-3] + ["--cache_only"])
 
 
 def test_auto_resume_after_kill(data, tmp_path, repo_root):

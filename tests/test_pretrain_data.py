@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from util.blur import BlurSpec
-from util.datasets import DatasetError, PretrainDataset, collate_skip_bad, sample_crop_box
+from util.datasets import DatasetError, PretrainDataset, SeededSampler, collate_skip_bad, sample_crop_box
 
 
 def write_tree(root, n=6, size=(60, 80), seed=0, colour=False):
@@ -32,33 +32,66 @@ def test_paired_crops_are_aligned_and_vary(tmp_path):
     # identical files in both trees: a correctly shared crop/flip gives identical tensors
     ds = PretrainDataset(str(tmp_path / "a" / "train"), orig_root=str(tmp_path / "a" / "train"),
                          input_size=32)
-    torch.manual_seed(0)
     seen = set()
-    for _ in range(5):
+    for epoch_seed in range(5):
         for i in range(len(ds)):
-            inp, tgt, _ = ds[i]
+            inp, tgt, _ = ds[(i, epoch_seed)]
             assert torch.equal(inp, tgt)
             seen.add(tuple(inp[0, :2, :2].flatten().tolist()))
-    assert len(seen) > 20  # different samples and draws get different crops
+    assert len(seen) > 20  # different samples and epochs get different crops
 
 
-def test_workers_do_not_share_random_streams(tmp_path):
+def crops_through_loader(ds, seed, num_workers, persistent=False, epochs=1):
+    sampler = SeededSampler(range(len(ds)))
+    loader = DataLoader(ds, batch_size=1, sampler=sampler, num_workers=num_workers,
+                        collate_fn=collate_skip_bad, persistent_workers=persistent)
+    out = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch, seed + epoch)
+        out.append([b[0][0] for b in loader])
+    return out
+
+
+def test_crops_follow_epoch_seed_and_index_not_workers(tmp_path):
     write_tree(tmp_path / "a", n=4)
     ds = PretrainDataset(str(tmp_path / "a" / "train"), input_size=16)
     # every item is the same file: crops differ only through the random stream
     ds.samples = [ds.samples[0]] * 8
-    loader = DataLoader(ds, batch_size=1, num_workers=2, collate_fn=collate_skip_bad,
-                        generator=torch.Generator().manual_seed(0))
-    outs = [b[0][0] for b in loader]  # worker 0 serves 0, 2, 4..; worker 1 serves 1, 3, 5..
-    assert not torch.equal(outs[0], outs[1])
-    assert len({tuple(o.flatten().tolist()) for o in outs}) == len(outs)
-    # reproducible from the loader's seed; a new epoch (new base seed) gives new crops
-    again = [b[0][0] for b in DataLoader(ds, batch_size=1, num_workers=2, collate_fn=collate_skip_bad,
-                                         generator=torch.Generator().manual_seed(0))]
-    assert all(torch.equal(x, y) for x, y in zip(outs, again))
-    other = [b[0][0] for b in DataLoader(ds, batch_size=1, num_workers=2, collate_fn=collate_skip_bad,
-                                         generator=torch.Generator().manual_seed(1))]
-    assert not torch.equal(outs[0], other[0])
+    [outs] = crops_through_loader(ds, seed=5, num_workers=0)
+    assert len({tuple(o.flatten().tolist()) for o in outs}) == len(outs)  # no two samples share a crop
+    # the same seed gives the same crops whatever the number of workers
+    [two_workers] = crops_through_loader(ds, seed=5, num_workers=2)
+    assert all(torch.equal(x, y) for x, y in zip(outs, two_workers))
+    # persistent workers (started once) still see each epoch's seed
+    epochs = crops_through_loader(ds, seed=5, num_workers=2, persistent=True, epochs=2)
+    assert all(torch.equal(x, y) for x, y in zip(outs, epochs[0]))
+    [next_epoch] = crops_through_loader(ds, seed=6, num_workers=0)
+    assert all(torch.equal(x, y) for x, y in zip(next_epoch, epochs[1]))
+    assert sum(torch.equal(x, y) for x, y in zip(outs, next_epoch)) < 2
+
+
+def test_pixels_are_compact_and_normalise_like_float_inputs(tmp_path):
+    paths = write_tree(tmp_path / "a", n=3)
+    write_tree(tmp_path / "c", n=1, colour=True)
+    ds = PretrainDataset(str(tmp_path / "a" / "train"), input_size=16, train=False)
+    grey, _, _ = ds[0]
+    assert grey.dtype == torch.uint8 and grey.shape == (1, 16, 16)  # 12x fewer bytes than RGB float
+    colour, _, _ = PretrainDataset(str(tmp_path / "c" / "train"), input_size=16, train=False)[0]
+    assert colour.dtype == torch.uint8 and colour.shape == (3, 16, 16)
+    # the rounding is the only difference from the float resize: at most half a grey level
+    from util.datasets import PixelNormaliser, center_box, resize_box
+    source = cv2.imread(paths[0], cv2.IMREAD_UNCHANGED)[:, :, None]
+    unit = resize_box(source, center_box(60, 80, (16, 16)), (16, 16))
+    assert (grey.float() / 255 - unit).abs().max() <= 0.5 / 255 + 1e-6
+    # a batch mixing grey and colour files is stacked as RGB; the normaliser expands grey on the device
+    batch, _, _ = collate_skip_bad([(grey, None, 0), (colour, None, 0)])
+    assert batch.shape == (2, 3, 16, 16) and torch.equal(batch[0, 2], grey[0])
+    norm = PixelNormaliser((0.5, 0.4, 0.3), (0.2, 0.25, 0.5), "cpu")
+    expected = (grey.float() / 255 - torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1)) / torch.tensor([0.2, 0.25, 0.5]).view(3, 1, 1)
+    torch.testing.assert_close(norm(grey[None])[0], expected)
+    torch.testing.assert_close(norm(batch)[0], expected)
+    with pytest.raises(ValueError, match="2 channels for a 3-channel model"):
+        norm(torch.zeros(1, 2, 4, 4, dtype=torch.uint8))
 
 
 def test_on_the_fly_blur_equals_offline_copy(tmp_path, repo_root):
@@ -99,7 +132,7 @@ def test_corrupt_file_is_skipped_or_fatal_when_strict(tmp_path):
     with pytest.warns(UserWarning, match="skipping .*img1.png"):
         batch = collate_skip_bad([ds[i] for i in range(len(ds))])
     # the bad file is replaced by the next readable sample: batches stay full (DDP needs that)
-    assert batch[0].shape == (4, 3, 16, 16) and batch[1] is None and batch[2] == 1
+    assert batch[0].shape == (4, 1, 16, 16) and batch[1] is None and batch[2] == 1
     strict = PretrainDataset(str(tmp_path / "d" / "train"), input_size=16, strict=True)
     with pytest.raises(DatasetError, match="img1.png.*re-export.*--strict_data"):
         [strict[i] for i in range(len(strict))]

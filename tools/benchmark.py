@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from util.blur import add_blur_arguments, blur_spec_from_args  # noqa: E402
-from util.datasets import PretrainDataset, collate_skip_bad, limit_worker_threads  # noqa: E402
+from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, PixelNormaliser, PretrainDataset,  # noqa: E402
+                           SeededSampler, collate_skip_bad, worker_options)
 from util.fileio import atomic_write_text  # noqa: E402
 from util.lr_decay import param_groups  # noqa: E402
 from util.registry import pretrain_models  # noqa: E402
@@ -73,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--data_path", default="", help="images (originals; or the blurred copy with --data_path_orig)")
     p.add_argument("--data_path_orig", default="", help="paired mode: the original tree")
     p.add_argument("--num_workers", type=int, default=8)
+    p.add_argument("--cache_dir", default="", help="read decoded images from a memory-mapped cache here "
+                   "(built first when missing; as main_pretrain.py --cache_dir)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke settings: tiny model, batch 4, 64 px, 2+1 steps")
     p.add_argument("--json", default="", help="also write the results here")
     add_blur_arguments(p, prefix="blur_", method_flag="--blur", default_method=None)
@@ -232,32 +235,42 @@ def time_model(args):
 
 # ------------------------------------------------------------------------------ data
 def build_loader(args):
+    """The training loader of main_pretrain.py: seeded sampler, persistent workers, compact pixels."""
     blur = blur_spec_from_args(args, prefix="blur_")
     if not args.data_path:
         raise SystemExit("data/e2e modes need --data_path")
     dataset = PretrainDataset(args.data_path, orig_root=args.data_path_orig or None, blur=blur,
                               input_size=args.input_size, in_chans=args.in_chans)
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+    if args.cache_dir:
+        dataset.use_cache(args.cache_dir, build=True, num_workers=args.num_workers)
+    sampler = SeededSampler(torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(0)))
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                        num_workers=args.num_workers, collate_fn=collate_skip_bad,
                                        pin_memory=args.device.startswith("cuda"),
                                        persistent_workers=args.num_workers > 0,
-                                       worker_init_fn=limit_worker_threads)
+                                       **worker_options(args.num_workers))
 
 
 def time_loader(args, consume=None):
+    """Images/s of the loader, its batches copied to the device and normalised there (as in
+    training), each then passed to ``consume`` when given."""
     loader = build_loader(args)
+    norm = PixelNormaliser(IMAGENET_MEAN[:args.in_chans], IMAGENET_STD[:args.in_chans], args.device)
     needed = args.warmup + args.steps
     if len(loader) < 1:
         raise SystemExit(f"{args.data_path}: fewer images than one batch of {args.batch_size}")
-    images, start, seen = 0, None, 0
+    images, start, seen, epoch = 0, None, 0, 0
     while seen < needed:
+        loader.sampler.set_epoch(epoch, epoch)
+        epoch += 1
         for inputs, targets, _ in loader:
             if seen == args.warmup:
                 synchronize(args.device)
                 start = time.perf_counter()
+            inputs = norm(inputs)
+            targets = norm(targets) if targets is not None else None
             if consume is not None:
-                consume(inputs.to(args.device, non_blocking=True),
-                        targets.to(args.device, non_blocking=True) if targets is not None else None)
+                consume(inputs, targets)
             if seen >= args.warmup:
                 images += inputs.shape[0]
             seen += 1
@@ -265,21 +278,41 @@ def time_loader(args, consume=None):
                 break
     synchronize(args.device)
     elapsed = time.perf_counter() - start
-    return images / elapsed
+    return images / elapsed, epoch
+
+
+def data_settings(args) -> dict:
+    return {"workers": args.num_workers, "batch": args.batch_size, "input_size": args.input_size,
+            "blur": args.blur_method or ("paired" if args.data_path_orig else "none"),
+            "cache": bool(args.cache_dir)}
 
 
 def time_data(args):
-    return {"mode": "data", "workers": args.num_workers, "batch": args.batch_size,
-            "blur": args.blur_method or ("paired" if args.data_path_orig else "none"),
-            "img_per_s": time_loader(args), "device": device_name(args.device)}
+    rate, epochs = time_loader(args)
+    return {"mode": "data", **data_settings(args), "img_per_s": rate, "epochs_started": epochs,
+            "device": device_name(args.device)}
 
 
 def time_e2e(args):
+    """The loader feeding the model step, and the same step on synthetic tensors in the same process
+    (same compiled code, same shapes): ``e2e_fraction`` is the share of model-only speed that the
+    data pipeline lets training keep."""
     _, step = build_step(args)
-    rate = time_loader(args, consume=lambda x, y: step(x, y))
-    return {"mode": "e2e", "model": args.model, "workers": args.num_workers, "batch": args.batch_size,
-            "precision": args.precision, "compile": args.compile, "img_per_s": rate,
-            "device": device_name(args.device)}
+    rate, epochs = time_loader(args, consume=lambda x, y: step(x, y))
+    x = torch.randn(args.batch_size, args.in_chans, args.input_size, args.input_size, device=args.device)
+    y = torch.randn_like(x)
+    for _ in range(2):
+        step(x, y)
+    synchronize(args.device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step(x, y)
+    synchronize(args.device)
+    model_rate = args.steps * args.batch_size / (time.perf_counter() - start)
+    return {"mode": "e2e", "model": args.model, **data_settings(args), "precision": args.precision,
+            "compile": args.compile, **lever_settings(args), "img_per_s": rate,
+            "model_only_img_per_s": model_rate, "e2e_fraction": rate / model_rate,
+            "epochs_started": epochs, "device": device_name(args.device)}
 
 
 def device_name(device: str) -> str:

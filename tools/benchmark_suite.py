@@ -76,7 +76,28 @@ TINY = [
      "model": "dconvmae_convvit_tiny_patch16", "batch_size": 4, "input_size": 64, "precision": "fp32",
      "optimizer": "foreach", "channels_last": True, "steps": 2, "warmup": 1},
 ]
-SETS = {"levers": LEVERS, "quick": QUICK, "tiny": TINY}
+# The data path and end to end (``--images``: a folder of 512 x 512 grey PNGs the suite makes when it
+# holds fewer than ``--make_images``; ``{images}`` and ``{cache}`` are filled in from the options).
+# 16 loader workers for the loader alone; 15 end to end, leaving a core to the training process.
+DATA_COMMON = {"data_path": "{images}", "blur": "gaussian", "batch_size": 256, "steps": 30, "warmup": 5}
+DATA = [
+    {"name": "data: decode + blur each epoch, 16 workers", "mode": "data", "num_workers": 16, "needs_s": 15,
+     **DATA_COMMON},
+    {"name": "data: decoded cache, 16 workers", "mode": "data", "num_workers": 16, "cache_dir": "{cache}",
+     "needs_s": 20, **DATA_COMMON},
+    {"name": "e2e dmae-b bf16 compile, decoded cache", "mode": "e2e", "model": DMAE, "precision": "bf16",
+     "compile": True, "num_workers": 15, "cache_dir": "{cache}", "needs_s": 70, **DATA_COMMON},
+    {"name": "e2e dmae-b bf16 compile, decode + blur each epoch", "mode": "e2e", "model": DMAE,
+     "precision": "bf16", "compile": True, "num_workers": 15, "needs_s": 70, **DATA_COMMON},
+    {"name": "e2e dconvmae-b bf16 compile, decoded cache", "mode": "e2e", "model": DCONVMAE, "precision": "bf16",
+     "compile": True, "num_workers": 15, "cache_dir": "{cache}", "needs_s": 80, **DATA_COMMON},
+]
+TINY_DATA = [
+    {"name": "tiny data: cache", "mode": "data", "data_path": "{images}", "blur": "gaussian", "tiny": True,
+     "num_workers": 0, "cache_dir": "{cache}"},
+    {"name": "tiny e2e", "mode": "e2e", "data_path": "{images}", "tiny": True, "num_workers": 0},
+]
+SETS = {"levers": LEVERS, "quick": QUICK, "tiny": TINY, "data": DATA, "tiny_data": TINY_DATA}
 
 TABLE_HEADER = ("| model | precision | compile/mode | channels_last | optimizer | batch | img/s | step ms "
                 "| TFLOP/s | peak GiB | warmup s | device |")
@@ -124,9 +145,13 @@ def build_configs(args) -> list:
         if not sep:
             raise SystemExit(f"--override {item!r}: expected KEY=VALUE, e.g. batch_size=128")
         overrides[key.lstrip("-")] = parse_value(value)
+    places = {"{images}": args.images, "{cache}": args.cache}
     for i, config in enumerate(configs):
         config.setdefault("name", f"config {i + 1}")
         config.setdefault("mode", "model")
+        for key, value in config.items():
+            if isinstance(value, str) and value in places:
+                config[key] = places[value]
         for key, value in overrides.items():
             if value is not None or key not in ("device", "steps", "warmup"):
                 config[key] = value
@@ -142,6 +167,40 @@ def load_json_configs(path: str) -> list:
     if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
         raise SystemExit(f"--configs {path}: expected a JSON list of objects, one per configuration")
     return configs
+
+
+def uses_images(configs) -> bool:
+    return any(c.get("mode") in ("data", "e2e") for c in configs)
+
+
+def speckle_png(task) -> None:
+    """One grey B-mode-like image: gamma speckle blurred by an axially elongated PSF, log-compressed,
+    with depth attenuation; it compresses like real ultrasound PNGs (~0.5 bytes per pixel)."""
+    import cv2
+    import numpy as np
+    cv2.setNumThreads(1)
+    path, size, seed = task
+    rng = np.random.default_rng(seed)
+    speckle = rng.gamma(1.0, 1.0, (size, size)).astype(np.float32)
+    tissue = cv2.GaussianBlur(rng.random((size, size)).astype(np.float32), (0, 0), size / 24) * 2
+    image = cv2.GaussianBlur(speckle * (0.3 + tissue), (0, 0), sigmaX=1.2, sigmaY=2.5)
+    image *= np.exp(-np.linspace(0, 1.5, size, dtype=np.float32))[:, None]
+    image = np.log1p(20 * image) / np.log1p(20 * float(image.max()))
+    cv2.imwrite(path, np.clip(image * 255, 0, 255).astype(np.uint8))
+
+
+def make_images(folder: str, count: int, size: int = 512, workers: int = 0) -> float:
+    """Make ``count`` PNGs in ``folder`` unless they are there; returns the seconds it took."""
+    import multiprocessing
+    names = [os.path.join(folder, f"us_{i:05d}.png") for i in range(count)]
+    todo = [(path, size, i) for i, path in enumerate(names) if not os.path.exists(path)]
+    start = time.monotonic()
+    if todo:
+        os.makedirs(folder, exist_ok=True)
+        workers = workers or os.cpu_count() or 1
+        with multiprocessing.get_context("forkserver").Pool(workers) as pool:
+            pool.map(speckle_png, todo, chunksize=16)
+    return time.monotonic() - start
 
 
 # ------------------------------------------------------------------------------ running
@@ -166,6 +225,9 @@ class Suite:
         total = len(self.configs)
         self.say(f"{total} configurations ({self.args.set if not self.args.configs else self.args.configs}), "
                  f"budget {self.args.budget_s:.0f} s, results in {self.out}")
+        if uses_images(self.configs):
+            took = make_images(self.args.images, self.args.make_images)
+            self.say(f"{self.args.make_images} images in {self.args.images} (made in {took:.0f} s)")
         with tempfile.TemporaryDirectory(prefix="benchmark_suite_") as tmp:
             for index, config in enumerate(self.configs, 1):
                 record = self.run_one(index, total, config, tmp)
@@ -354,6 +416,11 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps, passed to every configuration")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="set a benchmark.py argument in every configuration (e.g. batch_size=128); repeatable")
+    p.add_argument("--images", default=os.path.join(tempfile.gettempdir(), "benchmark_images"),
+                   help="folder of PNGs for the data/e2e configurations (made when missing)")
+    p.add_argument("--make_images", type=int, default=4096, help="how many 512x512 grey PNGs to make there")
+    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "benchmark_cache"),
+                   help="--cache_dir of the configurations that use the decoded cache")
     p.add_argument("--python", default=sys.executable, help="interpreter for the runs (default: this one)")
     p.add_argument("--tail_chars", type=int, default=3000, help="output kept in results.jsonl for a failed run")
     p.add_argument("--list", action="store_true", help="print the commands and exit")

@@ -8,17 +8,21 @@ Modes
   crop -- the same numbers the offline ``blurred_images.py`` copy holds, without that copy;
 * vanilla: input and target are the same image (``orig_root`` and ``blur`` both None).
 
-Every sample gets one RandomResizedCrop box and one flip decision, drawn once from the worker's own
-generator and applied to both images. (The published code reseeded the global RNG with the
-wall-clock second, so all samples loaded within one second got the same crop.) In a DataLoader
-worker the generator is seeded with the worker's seed, which the DataLoader makes distinct per
-worker and derives from the loader's generator; the training script reseeds that generator from
-(seed, rank, epoch) every epoch, so the crops of an epoch are the same whether or not the run was
-resumed. Without workers, ``set_epoch_seed`` plays that role.
+Every sample gets one RandomResizedCrop box and one flip decision, applied to both images. They
+are drawn from a generator seeded by (epoch seed, sample index): the sampler hands each index to the
+workers together with the epoch's seed (``SeededSampler``), so the crops of an epoch depend on
+neither the number of workers nor which worker serves a sample, persistent workers see every new
+epoch, and a resumed run draws the same crops as an uninterrupted one. (The published code reseeded
+the global RNG with the wall-clock second, so all samples loaded within one second got the same
+crop.)
 
-Samples are float32 tensors in [0, 1] (C, H, W); normalisation happens on the device. A corrupt
-file is replaced by the next readable sample and counted (``collate_skip_bad`` sums the counts for
-the log) unless ``strict`` is set.
+Samples leave the workers as compact *pixels*: the resized crop rounded to uint8 for 8-bit sources
+(what the published pipeline did too: PIL resized the uint8 image, then ``ToTensor``), float32 in
+[0, 1] for 16-bit ones, and grey images with one channel even for 3-channel models. That is 12x
+fewer bytes to collate, pin and copy than 3-channel float32; ``PixelNormaliser`` turns them into the
+model's normalised 3- (or 1-) channel input on the device. A corrupt file is replaced by the next
+readable sample and counted (``collate_skip_bad`` sums the counts for the log) unless ``strict`` is
+set.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, Sampler
 
 from util.blur import BlurSpec, blur_key
 from util.image_io import UnreadableImageError, image_frames, list_images, read_image, to_grey
@@ -113,12 +117,53 @@ def to_channels(img: np.ndarray, in_chans: int) -> np.ndarray:
     return img
 
 
+def model_channels(img: np.ndarray, in_chans: int) -> np.ndarray:
+    """H x W or H x W x 3 -> H x W x C as the workers keep it: grey for 1-channel models (colour is
+    converted) and for grey images (replicated to 3 channels only on the device); colour stays RGB."""
+    if in_chans == 1:
+        return to_grey(img)[:, :, None]
+    return img[:, :, None] if img.ndim == 2 else img
+
+
 def to_unit_tensor(img: np.ndarray) -> torch.Tensor:
     """H x W x C uint8/uint16 -> C x H x W float32 in [0, 1]."""
     scale = 65535.0 if img.dtype == np.uint16 else 255.0
     # np.require copies only when needed: decoded arrays may be read-only views
     chw = np.require(img.transpose(2, 0, 1), requirements=("C", "W"))
     return torch.from_numpy(chw).float().div_(scale)
+
+
+def to_pixels(unit: torch.Tensor, source_dtype) -> torch.Tensor:
+    """A resized crop in [0, 1] -> the compact form the workers return: uint8 for 8-bit sources
+    (rounding loses nothing the source had), float32 for 16-bit ones."""
+    if source_dtype == np.uint8:
+        return unit.mul(255.0).round_().to(torch.uint8)
+    return unit
+
+
+def pixels_to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 or [0, 1] float pixels -> float32 in [0, 1] (on whatever device they are)."""
+    if pixels.dtype == torch.uint8:
+        return pixels.float().div_(255.0)
+    return pixels.float()
+
+
+class PixelNormaliser:
+    """Loader pixels (uint8 or [0, 1] float; 1 channel or ``len(mean)``) -> the model's normalised
+    float input with ``len(mean)`` channels, computed on the device after the (compact) copy."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device):
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels_to_unit(pixels.to(self.mean.device, non_blocking=True))
+        channels = self.mean.shape[1]
+        if x.shape[1] != channels:
+            if x.shape[1] != 1:
+                raise ValueError(f"pixels with {x.shape[1]} channels for a {channels}-channel model")
+            x = x.expand(-1, channels, -1, -1)  # grey -> RGB as a view; the arithmetic below copies
+        return (x - self.mean) / self.std
 
 
 def sample_crop_box(height: int, width: int, gen: torch.Generator,
@@ -160,6 +205,12 @@ def resize_box(img: np.ndarray, box, size: Tuple[int, int]) -> torch.Tensor:
     return out.squeeze(0).clamp_(0.0, 1.0)
 
 
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The crop generator of one sample in one epoch: a function of (epoch seed, index) only."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
 def center_box(height: int, width: int, size: Tuple[int, int]) -> Tuple[int, int, int, int]:
     """Largest centred box with the aspect of ``size`` (evaluation: deterministic, whole content)."""
     aspect = size[1] / size[0]
@@ -193,54 +244,65 @@ class PretrainDataset(Dataset):
         else:
             pairs = [(os.path.join(root, rel), None, f, rel, f, n) for rel, f, n in items]
         self.samples = subset(pairs, num_samples, seed)
-        self._generator: Optional[torch.Generator] = None
-        self._generator_pid = None
-        self._epoch_seed: Optional[int] = None
+        self.cache = None  # a DecodedCache of decode_pair's arrays, see use_cache
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def set_epoch_seed(self, seed: int) -> None:
-        """Seed of the crops drawn in the main process (``num_workers=0``) from now on."""
-        self._epoch_seed = seed
-        self._generator = None
-
-    def generator(self) -> torch.Generator:
-        """This worker's crop generator, created lazily inside the worker process."""
-        if self._generator is None or self._generator_pid != os.getpid():
-            info = get_worker_info()
-            if info is not None:
-                seed = info.seed
-            else:
-                seed = self._epoch_seed if self._epoch_seed is not None else torch.initial_seed()
-            self._generator = torch.Generator().manual_seed(seed % (2 ** 63))
-            self._generator_pid = os.getpid()
-        return self._generator
-
-    def load_pair(self, index: int):
-        """(input, target) as H x W x C arrays; target None when it is the input itself."""
+    # ---------------------------------------------------------------- decoded arrays
+    def decode_pair(self, index: int):
+        """(input, target) as H x W x C arrays decoded from the files; target None when it is the
+        input itself."""
         input_path, orig_path, input_frame, rel, frame, frames = self.samples[index]
         image = read_image(input_path, input_frame)
         if self.blur is not None:
             key = blur_key(rel, frame if frames > 1 else None)
             # grey before blurring, as blurred_images.py does, so both give the same input
             blurred = self.blur.apply(to_grey(image), key=key)
-            return to_channels(blurred, self.in_chans), to_channels(image, self.in_chans)
+            return model_channels(blurred, self.in_chans), model_channels(image, self.in_chans)
         if orig_path is not None:
             target = read_image(orig_path, frame)
             if target.shape[:2] != image.shape[:2]:
                 raise DatasetError(f"{input_path} is {image.shape[1]}x{image.shape[0]} but its original "
                                    f"{orig_path} is {target.shape[1]}x{target.shape[0]}; re-create the "
                                    "blurred copy with blurred_images.py")
-            return to_channels(image, self.in_chans), to_channels(target, self.in_chans)
-        return to_channels(image, self.in_chans), None
+            return model_channels(image, self.in_chans), model_channels(target, self.in_chans)
+        return model_channels(image, self.in_chans), None
 
-    def __getitem__(self, index: int):
-        """``(input, target or None, number of unreadable files met)``.
+    def load_pair(self, index: int):
+        """``decode_pair``'s arrays, from the decoded cache when one is attached."""
+        if self.cache is not None:
+            return self.cache.read(index)
+        return self.decode_pair(index)
+
+    def cache_description(self) -> Tuple[dict, List[List[str]]]:
+        """What ``decode_pair`` depends on besides the files' bytes (the cache key), and the files
+        of every sample (their sizes and modification times join the key)."""
+        description = {"blur": None if self.blur is None else repr(self.blur),
+                       "channels": "grey" if self.in_chans == 1 else "native",
+                       "samples": [[s[0], s[1], s[2], s[4]] for s in self.samples]}
+        files = [[s[0]] + ([s[1]] if s[1] else []) for s in self.samples]
+        return description, files
+
+    def use_cache(self, cache_dir: str, *, build: bool, num_workers: int, log=print) -> None:
+        """Read decoded arrays from a memory-mapped cache below ``cache_dir`` (built first when
+        missing and ``build``; otherwise waiting for the process that builds it)."""
+        from util.decoded_cache import DecodedCache, cache_key
+        description, files = self.cache_description()
+        key = cache_key(description, files)
+        self.cache = DecodedCache.open_or_build(
+            cache_dir, key, len(self.samples), self.decode_pair, [s[0] for s in self.samples],
+            num_workers=num_workers, build=build, description=description, log=log)
+
+    # ---------------------------------------------------------------- samples
+    def __getitem__(self, key):
+        """``key``: an index, or ``(index, epoch seed)`` as ``SeededSampler`` yields them (a bare
+        index uses seed 0). Returns ``(input pixels, target pixels or None, unreadable files met)``.
 
         An unreadable file is replaced by the next readable sample, so every batch stays full: under
         DDP a rank with an empty batch would skip its step while the others wait for it forever.
         """
+        index, seed = key if isinstance(key, tuple) else (key, 0)
         for attempt in range(MAX_SUBSTITUTES + 1):
             item = (index + attempt) % len(self.samples)
             try:
@@ -252,27 +314,47 @@ class PretrainDataset(Dataset):
                     raise DatasetError(f"{err} (stopped by --strict_data)") from err
                 warnings.warn(f"skipping {err.path}: {err.reason} (use --strict_data to stop instead)")
                 continue
-            image, target = self.crop_pair(image, target)
+            image, target = self.crop_pair(image, target, sample_generator(seed, index))
             return image, target, attempt
         raise DatasetError(f"{MAX_SUBSTITUTES + 1} consecutive images from {self.samples[index][0]} on are "
                            "unreadable; check the dataset (see the warnings above for the files)")
 
-    def crop_pair(self, image: np.ndarray, target: Optional[np.ndarray]):
+    def crop_pair(self, image: np.ndarray, target: Optional[np.ndarray], gen: torch.Generator):
         """One crop box and one flip decision, applied to both images (H x W x C arrays in,
-        C x H x W tensors out)."""
+        C x H x W pixels out)."""
         height, width = image.shape[:2]
         if self.train:
-            gen = self.generator()
             box = sample_crop_box(height, width, gen)
             flip = bool(torch.rand(1, generator=gen) < 0.5)
         else:
             box, flip = center_box(height, width, self.size), False
-        image = resize_box(image, box, self.size)
-        target = resize_box(target, box, self.size) if target is not None else None
+        image = to_pixels(resize_box(image, box, self.size), image.dtype)
+        target = to_pixels(resize_box(target, box, self.size), target.dtype) if target is not None else None
         if flip:
             image = image.flip(-1)
             target = target.flip(-1) if target is not None else None
         return image, target
+
+
+class SeededSampler(Sampler):
+    """Wraps a sampler and yields ``(index, epoch seed)``: the seed reaches the workers with every
+    index, so per-sample crops follow the epoch even in persistent workers started epochs ago."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+        self.seed = 0
+
+    def set_epoch(self, epoch: int, seed: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        self.seed = int(seed)
+
+    def __iter__(self):
+        seed = self.seed
+        return ((index, seed) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 def limit_worker_threads(worker_id: int) -> None:
@@ -283,10 +365,32 @@ def limit_worker_threads(worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
+def worker_options(num_workers: int) -> dict:
+    """DataLoader keyword arguments for its worker processes.
+
+    The workers are started by a fork server, not forked from the training process: a child forked
+    after the parent's OpenCV thread pool has run (a blur in the main process, the dataset
+    statistics) inherits that pool's locks held, and ``cv2.setNumThreads`` then hangs for ever
+    (seen here). A fork-server child starts clean; with persistent workers it starts once per run.
+    """
+    if num_workers <= 0:
+        return {}
+    return {"multiprocessing_context": "forkserver", "worker_init_fn": limit_worker_threads}
+
+
+def stack_pixels(items: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack pixels of one batch; a batch mixing grey and colour (or 8- and 16-bit) files is brought
+    to the wider form first."""
+    channels = max(x.shape[0] for x in items)
+    if any(x.dtype != items[0].dtype for x in items):
+        items = [pixels_to_unit(x) for x in items]
+    return torch.stack([x.expand(channels, -1, -1) if x.shape[0] != channels else x for x in items])
+
+
 def collate_skip_bad(batch: Sequence):
     """Stack a batch; return ``(inputs, targets or None, number of unreadable files skipped)``."""
-    inputs = torch.stack([b[0] for b in batch])
-    targets = None if batch[0][1] is None else torch.stack([b[1] for b in batch])
+    inputs = stack_pixels([b[0] for b in batch])
+    targets = None if batch[0][1] is None else stack_pixels([b[1] for b in batch])
     return inputs, targets, sum(b[2] for b in batch)
 
 
@@ -294,8 +398,14 @@ def dataset_mean_std(dataset: PretrainDataset, max_images: int = 2000, seed: int
     """Per-channel mean and std of the (un-normalised) inputs over up to ``max_images`` samples."""
     order = np.random.default_rng(seed).permutation(len(dataset))[:max_images]
     total, total_sq, count = 0.0, 0.0, 0
+    channels = getattr(dataset, "in_chans", None)
     for i in order:
-        x = dataset[int(i)][0].double()
+        item = dataset[int(i)]
+        if item is None:  # an unreadable file (datasets that do not substitute one)
+            continue
+        x = pixels_to_unit(item[0]).double()
+        # grey counts towards every channel of an RGB model
+        x = x.expand(channels or x.shape[0], -1, -1)
         total = total + x.sum(dim=(1, 2))
         total_sq = total_sq + (x * x).sum(dim=(1, 2))
         count += x.shape[1] * x.shape[2]
