@@ -26,7 +26,6 @@ from util.blur import add_blur_arguments, blur_spec_from_args
 from util.checkpoint import load_checkpoint_file, load_weights, save_checkpoint
 from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, PixelNormaliser, PretrainDataset, SeededSampler,
                            collate_skip_bad, dataset_mean_std, split_folder, worker_options)
-from util.decoded_cache import CacheError
 from util.fileio import check_writable
 from util.lr_decay import param_groups
 from util.lr_sched import adjust_learning_rate, effective_lr
@@ -174,10 +173,7 @@ def attach_caches(datasets, args) -> None:
             raise SystemExit("--cache_only needs --cache_dir")
         return
     for dataset in filter(None, datasets):
-        try:
-            dataset.use_cache(args.cache_dir, build=args.local_rank <= 0, num_workers=args.num_workers)
-        except CacheError as err:
-            raise SystemExit(f"error: {err}")
+        dataset.use_cache(args.cache_dir, build=args.local_rank <= 0, num_workers=args.num_workers)
 
 
 def make_loader(dataset, args, train: bool):

@@ -128,6 +128,16 @@ def test_cache_only_builds_per_blur_setting_and_exits(data, tmp_path, capsys):
         main_pretrain.cli(base[:-3] + ["--cache_only"])
 
 
+def test_damaged_cache_ends_in_one_message_naming_it(data, tmp_path):
+    cache = tmp_path / "cache"
+    run(data, tmp_path / "a", "--eval_freq", "100", "--cache_dir", str(cache), epochs=1)
+    chunk = sorted(cache.glob("*/chunk-00000.bin"))[0]
+    chunk.write_bytes(chunk.read_bytes()[:100])  # a disk error or an interrupted copy of the cache
+    with pytest.raises(SystemExit, match=r"error: the decoded image cache file .*chunk-00000.bin is "
+                                         r"truncated .*delete that folder"):
+        run(data, tmp_path / "b", "--eval_freq", "100", "--cache_dir", str(cache), epochs=1)
+
+
 def test_auto_resume_after_kill(data, tmp_path, repo_root):
     cmd = [sys.executable, "main_pretrain.py", "--model", "mae_vit_tiny_patch16", "--output_dir",
            str(tmp_path), "--data_path_blurred", str(data / "orig"), "--batch_size", "4",

@@ -116,17 +116,19 @@ def plain_args(args) -> dict:
 def run_cli(main, parser, argv=None) -> None:
     """Parse the command line and run ``main``; the failures a user can cause end in one message.
 
-    Bad data and unusable checkpoints raise DatasetError / CheckpointError, whose messages name the
-    file and the fix. A dead or hung rank surfaces on the survivors as an error from deep inside a
-    collective: that too becomes one message instead of a traceback from the autograd engine.
+    Bad data, unusable checkpoints and a damaged or unwritable decoded cache raise DatasetError /
+    CheckpointError / CacheError, whose messages name the file and the fix. A dead or hung rank
+    surfaces on the survivors as an error from deep inside a collective: that too becomes one
+    message instead of a traceback from the autograd engine.
     """
     from util.checkpoint import CheckpointError
     from util.datasets import DatasetError
+    from util.decoded_cache import CacheError
 
     args = parser.parse_args(argv)
     try:
         main(args)
-    except (DatasetError, CheckpointError) as err:
+    except (DatasetError, CheckpointError, CacheError) as err:
         raise SystemExit(f"error: {err}")
     except Exception as err:
         if not (getattr(args, "distributed", False) and du.is_collective_failure(err)):
