@@ -153,3 +153,15 @@ def test_data_set_makes_its_images_and_measures_loader_and_e2e(tmp_path):
     first = cv2.imread(str(pngs[0]), cv2.IMREAD_UNCHANGED)
     assert first.shape == (512, 512) and first.dtype == np.uint8 and first.std() > 10  # speckle, not flat
     assert "| tiny e2e | e2e |" in md
+
+
+def test_gpu_check_script_runs_the_quick_and_data_sets(tmp_path):
+    """The one prepared device command: its dry run (GPU_CHECK_LIST=1) lists both sets' commands."""
+    env = {**os.environ, "GPU_CHECK_LIST": "1", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_check.sh"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "torch" in (tmp_path / "out" / "gpu.txt").read_text()
+    for config in benchmark_suite.QUICK + benchmark_suite.DATA:
+        assert config["name"] in proc.stdout
+    assert "--cache_dir" in proc.stdout and "e2e --model dmae_vit_base_patch16" in proc.stdout

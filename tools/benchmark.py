@@ -55,7 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--input_size", type=int, default=224)
     p.add_argument("--in_chans", type=int, default=3)
     p.add_argument("--mask_ratio", type=float, default=0.75)
-    p.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
+                   help="autocast precision (default bf16; fp32 with --tiny on a CPU)")
     p.add_argument("--scaler", choices=("auto", "on", "off"), default="auto",
                    help="GradScaler: auto = on for fp16 only (as in training); on/off force it, to time its cost")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="fused",
@@ -89,7 +90,9 @@ def parse_args(argv=None):
         args.batch_size, args.input_size = 4, 64
         args.steps = 2 if args.steps is None else args.steps
         args.warmup = 1 if args.warmup is None else args.warmup
-        args.precision = "fp32" if args.device == "cpu" else args.precision
+        if args.precision is None and args.device == "cpu":
+            args.precision = "fp32"
+    args.precision = args.precision or "bf16"
     args.steps = DEFAULT_STEPS if args.steps is None else args.steps
     args.warmup = DEFAULT_WARMUP if args.warmup is None else args.warmup
     return args
@@ -256,7 +259,10 @@ def time_loader(args, consume=None):
     training), each then passed to ``consume`` when given."""
     loader = build_loader(args)
     norm = PixelNormaliser(IMAGENET_MEAN[:args.in_chans], IMAGENET_STD[:args.in_chans], args.device)
-    needed = args.warmup + args.steps
+    # While the warm-up steps run (compiling: a minute) the workers fill their prefetch queues; those
+    # batches come for free afterwards, so the timing starts once they are used up.
+    warmup = args.warmup + (loader.prefetch_factor or 0) * args.num_workers
+    needed = warmup + args.steps
     if len(loader) < 1:
         raise SystemExit(f"{args.data_path}: fewer images than one batch of {args.batch_size}")
     images, start, seen, epoch = 0, None, 0, 0
@@ -264,14 +270,14 @@ def time_loader(args, consume=None):
         loader.sampler.set_epoch(epoch, epoch)
         epoch += 1
         for inputs, targets, _ in loader:
-            if seen == args.warmup:
+            if seen == warmup:
                 synchronize(args.device)
                 start = time.perf_counter()
             inputs = norm(inputs)
             targets = norm(targets) if targets is not None else None
             if consume is not None:
                 consume(inputs, targets)
-            if seen >= args.warmup:
+            if seen >= warmup:
                 images += inputs.shape[0]
             seen += 1
             if seen >= needed:

@@ -74,8 +74,8 @@ def main() -> None:
         # Other work on the machine skews every number; the load average makes that visible.
         print(f"{args.count} grey PNGs of {args.size} x {args.size}, {os.cpu_count()} CPU cores visible, "
               f"1-minute load average before: {os.getloadavg()[0]:.2f}\n")
-        print(f"| method | run | workers | seconds | images/s | speed-up vs loop |")
-        print(f"|---|---|---:|---:|---:|---:|")
+        print("| method | run | workers | seconds | images/s | speed-up vs loop |")
+        print("|---|---|---:|---:|---:|---:|")
         for method in args.methods:
             loop = time_loop(src, os.path.join(tmp, f"{method}_loop"), BlurSpec(method))
             runs = [("loop", 1, loop),

@@ -30,5 +30,7 @@ python=${PYTHON:-python3}
 } > "$out/gpu.txt"
 cat "$out/gpu.txt"
 
-"$python" tools/benchmark_suite.py --set quick --out "$out/model" --budget_s 270 --timeout_s 200
-"$python" tools/benchmark_suite.py --set data --out "$out/data" --budget_s 270 --timeout_s 150
+# GPU_CHECK_LIST=1 prints the commands the suites would run instead of running them (a dry run here)
+list=${GPU_CHECK_LIST:+--list}
+"$python" tools/benchmark_suite.py --set quick --out "$out/model" --budget_s 270 --timeout_s 200 $list
+"$python" tools/benchmark_suite.py --set data --out "$out/data" --budget_s 270 --timeout_s 150 $list
