@@ -26,6 +26,8 @@ set.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import warnings
@@ -45,6 +47,9 @@ CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 # Unreadable files met in a row before a sample gives up (then the dataset is broken, not a file).
 MAX_SUBSTITUTES = 16
+# Part of the decoded cache's key: raise it whenever decode_pair's output changes for the same files
+# and settings (a blur or channel conversion changed), so old caches are not read any more.
+DECODE_VERSION = 1
 
 
 class DatasetError(RuntimeError):
@@ -278,9 +283,12 @@ class PretrainDataset(Dataset):
     def cache_description(self) -> Tuple[dict, List[List[str]]]:
         """What ``decode_pair`` depends on besides the files' bytes (the cache key), and the files
         of every sample (their sizes and modification times join the key)."""
-        description = {"blur": None if self.blur is None else repr(self.blur),
+        sample_list = json.dumps([[s[0], s[1], s[2], s[4]] for s in self.samples]).encode()
+        description = {"decode_version": DECODE_VERSION,
+                       "blur": None if self.blur is None else repr(self.blur),
                        "channels": "grey" if self.in_chans == 1 else "native",
-                       "samples": [[s[0], s[1], s[2], s[4]] for s in self.samples]}
+                       "num_samples": len(self.samples),
+                       "samples_sha256": hashlib.sha256(sample_list).hexdigest()}
         files = [[s[0]] + ([s[1]] if s[1] else []) for s in self.samples]
         return description, files
 
