@@ -356,3 +356,15 @@ def test_foreign_format_version_or_sample_count_is_refused_and_kept(tmp_path):
         DecodedCache.open_or_build(str(tmp_path), "k0", N + 1, NeverLoad().load, NAMES + ["x"],
                                    chunk_size=CHUNK, log=lambda m: None)
     assert_matches_loader(build(tmp_path, NeverLoad()))
+
+
+def test_a_new_build_names_the_other_caches_in_the_folder(tmp_path):
+    build(tmp_path, key="old")
+    messages = []
+    build(tmp_path, key="new", log=messages.append)
+    notes = [m for m in messages if "also holds" in m]
+    assert len(notes) == 1 and "old (" in notes[0] and "GiB" in notes[0]
+    assert os.path.exists(tmp_path / "old" / "meta.json")  # named, never deleted
+    messages.clear()
+    build(tmp_path, key="new", log=messages.append)  # complete: opened, nothing built, nothing said
+    assert not any("also holds" in m for m in messages)

@@ -340,6 +340,7 @@ class DecodedCache:
         meta_path = os.path.join(folder, _META)
         if not os.path.exists(meta_path):
             if build:
+                _note_other_caches(os.fspath(cache_dir), key, log)
                 _Builder(folder, key, num_samples, load, sample_names, num_workers, description or {},
                          chunk_size, log).run()
             else:
@@ -467,6 +468,29 @@ def _read_meta(folder: str, key: str, num_samples: int) -> dict:
         raise CacheError(f"{path} does not describe this cache (key {meta.get('key')!r}, chunk size "
                          f"{meta.get('chunk_size')!r}); {_delete_hint(folder)}")
     return {name: meta[name] for name in ("key", "num_samples", "chunk_size")}
+
+
+def _note_other_caches(cache_dir: str, key: str, log) -> None:
+    """Say which complete caches of other data or settings ``cache_dir`` already holds: a changed
+    file or blur setting builds a new cache beside the old one, and at ~0.5 MiB per image the old
+    ones are worth deleting once no run needs them (nothing is deleted here)."""
+    try:
+        names = sorted(os.listdir(cache_dir))
+    except OSError:
+        return
+    others = []
+    for name in names:
+        try:
+            with open(os.path.join(cache_dir, name, _META), encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if name != key and isinstance(meta, dict):
+            others.append((name, float(meta.get("total_bytes", 0)) / _GIB))
+    if others:
+        listed = ", ".join(f"{name} ({gib:.1f} GiB)" for name, gib in others)
+        log(f"{cache_dir} also holds {len(others)} decoded cache(s) of other files or settings: {listed}; "
+            "delete those no run uses any more (each folder's meta.json says what it holds)")
 
 
 # ----------------------------------------------------------------------------------------------------
