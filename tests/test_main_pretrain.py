@@ -164,9 +164,13 @@ def test_torchrun_two_processes_gloo(data, tmp_path, repo_root):
            "--node_rank=0", "--master_port", str(29500 + os.getpid() % 1000), "main_pretrain.py",
            "--model", "dmae_vit_tiny_patch16", "--output", str(tmp_path), "--data_path_blurred",
            str(data / "blur"), "--data_path_orig", str(data / "orig"), "--batch_size", "2",
-           "--epochs", "1", "--input_size", "32", "--num_workers", "1", "--device", "cpu"]
+           "--epochs", "1", "--input_size", "32", "--num_workers", "1", "--device", "cpu",
+           "--cache_dir", str(tmp_path / "cache")]
     result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    # local rank 0 built the decoded caches (train and val); rank 1 waited for them, or found them
+    # complete (which of the two depends on timing; the waiting itself is tested in test_decoded_cache)
+    assert len(list((tmp_path / "cache").glob("*/meta.json"))) == 2
     ckpt = torch.load(tmp_path / "checkpoint-0.pth", weights_only=True)
     assert ckpt["args"]["world_size"] == 2
     log = [json.loads(line) for line in open(tmp_path / "log.txt")]
