@@ -78,11 +78,12 @@ def test_pixels_are_compact_and_normalise_like_float_inputs(tmp_path):
     assert grey.dtype == torch.uint8 and grey.shape == (1, 16, 16)  # 12x fewer bytes than RGB float
     colour, _, _ = PretrainDataset(str(tmp_path / "c" / "train"), input_size=16, train=False)[0]
     assert colour.dtype == torch.uint8 and colour.shape == (3, 16, 16)
-    # the rounding is the only difference from the float resize: at most half a grey level
-    from util.datasets import PixelNormaliser, center_box, resize_box
-    source = cv2.imread(paths[0], cv2.IMREAD_UNCHANGED)[:, :, None]
-    unit = resize_box(source, center_box(60, 80, (16, 16)), (16, 16))
-    assert (grey.float() / 255 - unit).abs().max() <= 0.5 / 255 + 1e-6
+    # the crop is resized as the published pipeline did it: PIL's bicubic on the uint8 image
+    from PIL import Image
+    from util.datasets import PixelNormaliser, center_box
+    top, left, h, w = center_box(60, 80, (16, 16))
+    published = np.asarray(Image.open(paths[0]).crop((left, top, left + w, top + h)).resize((16, 16), Image.BICUBIC))
+    assert np.abs(grey[0].numpy().astype(int) - published.astype(int)).max() <= 1
     # a batch mixing grey and colour files is stacked as RGB; the normaliser expands grey on the device
     batch, _, _ = collate_skip_bad([(grey, None, 0), (colour, None, 0)])
     assert batch.shape == (2, 3, 16, 16) and torch.equal(batch[0, 2], grey[0])
@@ -168,3 +169,23 @@ def test_crop_box_stays_inside_and_follows_scale():
         assert 0 <= top and top + h <= 100 and 0 <= left and left + w <= 150
         areas.append(h * w / (100 * 150))
     assert 0.15 < min(areas) and max(areas) <= 1.0 and np.mean(areas) > 0.4
+
+
+def test_training_crops_match_the_published_pil_resize(tmp_path):
+    """RandomResizedCrop of the published code: PIL crop + bicubic resize of the uint8 image."""
+    from PIL import Image
+    from util.datasets import resize_box
+    rng = np.random.default_rng(3)
+    img = cv2.GaussianBlur((rng.random((300, 260)) * 255).astype(np.uint8), (0, 0), 1.5)
+    colour = np.stack([img, img[::-1], 255 - img], axis=2)
+    for box in [(0, 0, 300, 260), (20, 31, 180, 150), (100, 7, 61, 77)]:
+        top, left, h, w = box
+        for source in (img, colour):
+            ours = resize_box(source if source.ndim == 3 else source[:, :, None], box, (64, 64))
+            pil = np.asarray(Image.fromarray(source).crop((left, top, left + w, top + h)).resize((64, 64), Image.BICUBIC))
+            pil = pil.reshape(64, 64, -1).transpose(2, 0, 1).astype(int)
+            diff = np.abs(ours.numpy().astype(int) - pil)
+            assert ours.dtype == torch.uint8 and diff.max() <= 1 and diff.mean() < 0.05, (box, diff.mean())
+    deep = (img.astype(np.uint16) * 257)[:, :, None]  # 16-bit: float pixels in [0, 1]
+    out = resize_box(deep, (0, 0, 300, 260), (64, 64))
+    assert out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1

@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models_mae import is_deblurring_model  # noqa: E402
 from util.blur import add_blur_arguments, blur_spec_from_args  # noqa: E402
 from util.checkpoint import CheckpointError, load_checkpoint_file, load_weights  # noqa: E402
-from util.datasets import IMAGENET_MEAN, IMAGENET_STD, center_box, resize_box, to_channels  # noqa: E402
+from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, center_box, pixels_to_unit,  # noqa: E402
+                           resize_box, to_channels)
 from util.image_io import UnreadableImageError, read_image, to_grey  # noqa: E402
 from util.registry import pretrain_models  # noqa: E402
 from util.visualize import panels_to_grid, reconstruction_panels, save_grid_png  # noqa: E402
@@ -75,8 +76,8 @@ def main(argv=None):
             raise SystemExit(str(err))
         source = to_channels(blur.apply(to_grey(image)), in_chans) if blur else to_channels(image, in_chans)
         box = center_box(image.shape[0], image.shape[1], tuple(size))
-        inputs.append(resize_box(source, box, tuple(size)))
-        targets.append(resize_box(to_channels(image, in_chans), box, tuple(size)))
+        inputs.append(pixels_to_unit(resize_box(source, box, tuple(size))))
+        targets.append(pixels_to_unit(resize_box(to_channels(image, in_chans), box, tuple(size))))
     x = (torch.stack(inputs) - mean) / std
     y = (torch.stack(targets) - mean) / std
     noise = torch.rand(len(inputs), model.num_patches, generator=torch.Generator().manual_seed(args.seed))
