@@ -169,8 +169,8 @@ def test_huge_image_loads_without_crash_and_with_bounded_memory(tmp_path):
             True, (32, 32), 3, (0.5,) * 3, (0.25,) * 3))[0]
     assert image.shape == (1, 32, 32) and crop.shape == (3, 32, 32) and skipped == 0
     if base is not None:
-        # 100 MB of pixels: the uint8 decode, a 3-channel copy and its float32 tensor before the crop
-        # (~17x) in pretraining. Bounded, but see docs/reliability.md (crop before converting).
+        # 100 MB of pixels: pretraining holds the uint8 decode and a copy of its crop (grey stays one
+        # channel); fine-tuning's transform holds more. Bounded either way.
         assert peak_rss_mib() - base < 2500
 
 
