@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import os.path as osp
-from typing import Iterable, List, Tuple
+from typing import Iterable, List
 
 import torch
 import torch.distributed as dist
 from mmengine.config import Config, ConfigDict, DictAction
+from mmengine.logging import print_log
+from mmengine.runner import Runner
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
 IOU_METRICS = ('mIoU', 'mDice', 'mFscore')
@@ -146,8 +148,13 @@ def init_distributed_without_gpu(cfg: Config) -> None:
         dist.init_process_group(backend='gloo')
 
 
-def prepare(cfg: Config) -> Tuple[Config, List[str]]:
+def build_runner(cfg: Config) -> Runner:
+    """The mmengine Runner for ``cfg`` fitted to this machine; what was changed for the machine is
+    logged through the runner's logger (which exists only once the runner does)."""
     changes = adapt_to_machine(cfg)
     set_metric_output(cfg, cfg.work_dir)
     init_distributed_without_gpu(cfg)
-    return cfg, changes
+    runner = Runner.from_cfg(cfg)
+    for change in changes:
+        print_log(change, logger='current')
+    return runner

@@ -11,10 +11,8 @@ import argparse
 import os.path as osp
 
 import _paths  # noqa: F401  (sys.path and the mmcv/mmseg patches, before mmseg is imported)
-from mmengine.logging import print_log
-from mmengine.runner import Runner
 
-from mmseg_custom.launch import IOU_METRICS, add_common_args, add_iou_metrics, load_config, prepare
+from mmseg_custom.launch import IOU_METRICS, add_common_args, add_iou_metrics, build_runner, load_config
 
 
 def parse_args(argv=None):
@@ -42,11 +40,7 @@ def main(argv=None):
     if args.show_dir:
         cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
             dict(type='NoduleOverlayHook', out_dir=args.show_dir)]
-    cfg, changes = prepare(cfg)
-    runner = Runner.from_cfg(cfg)
-    for change in changes:
-        print_log(change, logger='current')
-    runner.test()
+    build_runner(cfg).test()
 
 
 if __name__ == '__main__':

@@ -10,10 +10,8 @@ import argparse
 import os.path as osp
 
 import _paths  # noqa: F401  (sys.path and the mmcv/mmseg patches, before mmseg is imported)
-from mmengine.logging import print_log
-from mmengine.runner import Runner
 
-from mmseg_custom.launch import add_common_args, load_config, prepare
+from mmseg_custom.launch import add_common_args, build_runner, load_config
 
 
 def parse_args(argv=None):
@@ -42,11 +40,7 @@ def main(argv=None):
         if not osp.isfile(args.resume):
             raise FileNotFoundError(f'--resume {args.resume}: checkpoint not found')
         cfg.resume, cfg.load_from = True, args.resume
-    cfg, changes = prepare(cfg)
-    runner = Runner.from_cfg(cfg)
-    for change in changes:
-        print_log(change, logger='current')
-    runner.train()
+    build_runner(cfg).train()
 
 
 if __name__ == '__main__':
