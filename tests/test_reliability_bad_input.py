@@ -19,6 +19,8 @@ from util.cls_datasets import ClassificationDataset, build_transform
 from util.datasets import DatasetError, PretrainDataset, pixels_to_unit
 from util.registry import pretrain_models
 
+from cli_args import finetune_args, pretrain_args
+
 SEG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "SEG")
 RNG = np.random.default_rng(0)
 
@@ -63,17 +65,6 @@ def odd_images(folder):
     for name in ("examples_rgb_color.dcm", "examples_jpeg2k.dcm"):  # colour DICOM (bundled with pydicom)
         with open(get_testdata_file(name), "rb") as src, open(os.path.join(folder, name), "wb") as dst:
             dst.write(src.read())
-
-
-def pretrain_args(data, out, *extra):
-    return ["--model", "mae_vit_tiny_patch16", "--output_dir", str(out), "--data_path_blurred", str(data),
-            "--batch_size", "4", "--epochs", "1", "--input_size", "32", "--num_workers", "0", "--device", "cpu",
-            "--eval_freq", "1000", *extra]
-
-
-def finetune_args(data, out, *extra):
-    return ["--data_path", str(data), "--output_dir", str(out), "--model", "vit_tiny_patch16", "--input_size", "32",
-            "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--n_boot", "0", "--epochs", "1", *extra]
 
 
 def error_of(cli, argv):

@@ -15,6 +15,8 @@ import main_finetune
 import main_pretrain
 from util.checkpoint import CheckpointError
 
+from cli_args import finetune_args, pretrain_args
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEG_DIR = os.path.join(ROOT, "SEG")
 
@@ -95,17 +97,6 @@ def tree(tmp_path_factory):
                 img = cv2.GaussianBlur((rng.random((40, 48)) * 255).astype(np.uint8), (0, 0), 2)
                 cv2.imwrite(str(root / split / cls / f"{i}.png"), img)
     return root
-
-
-def pretrain_args(data, out, *extra):
-    return ["--model", "mae_vit_tiny_patch16", "--output_dir", str(out), "--data_path_blurred", str(data),
-            "--batch_size", "4", "--epochs", "1", "--input_size", "32", "--num_workers", "0", "--device", "cpu",
-            "--eval_freq", "1000", *extra]
-
-
-def finetune_args(data, out, *extra):
-    return ["--data_path", str(data), "--output_dir", str(out), "--model", "vit_tiny_patch16", "--input_size", "32",
-            "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--n_boot", "0", "--epochs", "1", *extra]
 
 
 @pytest.mark.parametrize("entry", ["main_pretrain --resume", "main_finetune --finetune", "main_finetune --resume",
