@@ -15,7 +15,6 @@ kept. Evaluation writes results.json / results.txt, predictions.csv and ROC / co
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import random
 import time
@@ -38,7 +37,7 @@ from util.lr_sched import adjust_learning_rate, effective_lr
 from util.metrics import (METRIC_NAMES, evaluate_and_write, evaluate_predictions, format_results_table,
                           gather_unique_predictions, resolve_pos_class)
 from util.registry import finetune_models
-from util.training import (StopTraining, amp_dtype, append_log, check_nonfinite, epoch_seed,
+from util.training import (StopTraining, accumulate_backward, amp_dtype, append_log, check_nonfinite, epoch_seed,
                            install_sigterm_handler, log_progress, plain_args, run_cli, step_optimizer)
 
 # --select_metric choices (published names) -> util.metrics names
@@ -406,9 +405,7 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, mixup_fn, epoch
         finite_steps += finite.float()
         consecutive_bad = (consecutive_bad + 1) * (~finite).float()
         loss_sum += torch.where(finite, loss.detach(), torch.zeros_like(loss.detach()))
-        sync = model.no_sync() if (args.distributed and not update) else contextlib.nullcontext()
-        with sync:
-            (scaler.scale(loss / args.accum_iter) if scaler is not None else loss / args.accum_iter).backward()
+        accumulate_backward(model, loss, scaler, args, update)
         if update:
             clip_gradients(model, optimizer, scaler, args.clip_grad)
             step_optimizer(optimizer, scaler, window_finite, fused_skip)

@@ -9,7 +9,6 @@ blur the originals on the fly, or vanilla models reading ``--data_path_blurred``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import os
 import random
@@ -30,7 +29,7 @@ from util.fileio import check_writable
 from util.lr_decay import param_groups
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.registry import pretrain_models
-from util.training import (StopTraining, amp_dtype, append_log, check_nonfinite, epoch_seed,
+from util.training import (StopTraining, accumulate_backward, amp_dtype, append_log, check_nonfinite, epoch_seed,
                             install_sigterm_handler, log_progress, plain_args, run_cli, step_optimizer)
 from util.visualize import panels_to_grid, reconstruction_panels, save_grid_png
 
@@ -299,12 +298,7 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch, args, norm, writer,
         consecutive_bad = (consecutive_bad + 1) * (~finite).float()
         loss_sum += torch.where(finite, loss.detach(), torch.zeros_like(loss.detach()))
         update = (it + 1) % args.accum_iter == 0
-        sync_ctx = model.no_sync() if (args.distributed and not update) else contextlib.nullcontext()
-        with sync_ctx:
-            if scaler is not None:
-                scaler.scale(loss / args.accum_iter).backward()
-            else:
-                (loss / args.accum_iter).backward()
+        accumulate_backward(model, loss, scaler, args, update)
         if update:
             step_optimizer(optimizer, scaler, finite, fused_skip)
             optimizer.zero_grad(set_to_none=True)

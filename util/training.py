@@ -5,6 +5,7 @@ non-finite stop rule, per-epoch seeding for exact resume, SIGTERM handling and t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -50,6 +51,16 @@ def nonfinite_gradients(optimizer) -> torch.Tensor:
     if grads:
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=device))
     return found
+
+
+def accumulate_backward(model, loss, scaler, args, update: bool) -> None:
+    """Backward of ``loss / accum_iter`` (scaled when a GradScaler is in use). Between updates DDP's
+    gradient all-reduce is skipped (``no_sync``): the gradients only add up locally until the
+    backward of the update step, which synchronises their sum once."""
+    sync = model.no_sync() if (args.distributed and not update) else contextlib.nullcontext()
+    loss = loss / args.accum_iter
+    with sync:
+        (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
 def step_optimizer(optimizer, scaler, finite, fused_skip):
