@@ -54,22 +54,23 @@ def tiny_cfg(config, overrides, **extra):
     return cfg
 
 
-@pytest.fixture(scope='module')
-def convmae_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp('ckpt') / 'dconvmae_tiny.pth'
-    state = pretrain_models().create('dconvmae_convvit_tiny_patch16', img_size=224).state_dict()
+def pretraining_checkpoint(tmp_path_factory, model: str, seed: int):
+    """(path, state dict) of a freshly initialised tiny pretraining model saved as {'model': ...}."""
+    torch.manual_seed(seed)
+    path = tmp_path_factory.mktemp('ckpt') / f'{model}.pth'
+    state = pretrain_models().create(model, img_size=224).state_dict()
     torch.save({'model': state}, path)
     return str(path), state
+
+
+@pytest.fixture(scope='module')
+def convmae_checkpoint(tmp_path_factory):
+    return pretraining_checkpoint(tmp_path_factory, 'dconvmae_convvit_tiny_patch16', seed=0)
 
 
 @pytest.fixture(scope='module')
 def mae_checkpoint(tmp_path_factory):
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp('ckpt') / 'dmae_tiny.pth'
-    state = pretrain_models().create('dmae_vit_tiny_patch16', img_size=224).state_dict()
-    torch.save({'model': state}, path)
-    return str(path), state
+    return pretraining_checkpoint(tmp_path_factory, 'dmae_vit_tiny_patch16', seed=1)
 
 
 # ------------------------------------------------------------------ pretrained backbone weights
