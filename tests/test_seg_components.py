@@ -54,10 +54,10 @@ def tiny_cfg(config, overrides, **extra):
     return cfg
 
 
-def pretraining_checkpoint(tmp_path_factory, model: str, seed: int):
+def pretraining_checkpoint(tmp_path_factory, model: str, seed: int, file_name: str):
     """(path, state dict) of a freshly initialised tiny pretraining model saved as {'model': ...}."""
     torch.manual_seed(seed)
-    path = tmp_path_factory.mktemp('ckpt') / f'{model}.pth'
+    path = tmp_path_factory.mktemp('ckpt') / file_name
     state = pretrain_models().create(model, img_size=224).state_dict()
     torch.save({'model': state}, path)
     return str(path), state
@@ -65,12 +65,12 @@ def pretraining_checkpoint(tmp_path_factory, model: str, seed: int):
 
 @pytest.fixture(scope='module')
 def convmae_checkpoint(tmp_path_factory):
-    return pretraining_checkpoint(tmp_path_factory, 'dconvmae_convvit_tiny_patch16', seed=0)
+    return pretraining_checkpoint(tmp_path_factory, 'dconvmae_convvit_tiny_patch16', seed=0, file_name='dconvmae_tiny.pth')
 
 
 @pytest.fixture(scope='module')
 def mae_checkpoint(tmp_path_factory):
-    return pretraining_checkpoint(tmp_path_factory, 'dmae_vit_tiny_patch16', seed=1)
+    return pretraining_checkpoint(tmp_path_factory, 'dmae_vit_tiny_patch16', seed=1, file_name='dmae_tiny.pth')
 
 
 # ------------------------------------------------------------------ pretrained backbone weights
