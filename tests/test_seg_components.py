@@ -65,7 +65,8 @@ def pretraining_checkpoint(tmp_path_factory, model: str, seed: int, file_name: s
 
 @pytest.fixture(scope='module')
 def convmae_checkpoint(tmp_path_factory):
-    return pretraining_checkpoint(tmp_path_factory, 'dconvmae_convvit_tiny_patch16', seed=0, file_name='dconvmae_tiny.pth')
+    return pretraining_checkpoint(tmp_path_factory, 'dconvmae_convvit_tiny_patch16', seed=0,
+                                  file_name='dconvmae_tiny.pth')
 
 
 @pytest.fixture(scope='module')

@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models_mae import is_deblurring_model  # noqa: E402
 from util.blur import add_blur_arguments, blur_spec_from_args  # noqa: E402
 from util.checkpoint import CheckpointError, load_checkpoint_file, load_weights  # noqa: E402
-from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, center_box, pixels_to_unit,  # noqa: E402
-                           resize_box, to_channels)
+from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, PixelNormaliser, center_box,  # noqa: E402
+                           model_channels, resize_box, stack_pixels)
 from util.image_io import UnreadableImageError, read_image, to_grey  # noqa: E402
 from util.registry import pretrain_models  # noqa: E402
 from util.visualize import panels_to_grid, reconstruction_panels, save_grid_png  # noqa: E402
@@ -62,8 +62,8 @@ def main(argv=None):
     print(load_weights(model, ckpt))
     model.eval()
 
-    mean = torch.tensor(recorded(ckpt, "data_mean", IMAGENET_MEAN if in_chans == 3 else [0.5])).view(1, -1, 1, 1)
-    std = torch.tensor(recorded(ckpt, "data_std", IMAGENET_STD if in_chans == 3 else [0.25])).view(1, -1, 1, 1)
+    norm = PixelNormaliser(recorded(ckpt, "data_mean", IMAGENET_MEAN if in_chans == 3 else [0.5]),
+                           recorded(ckpt, "data_std", IMAGENET_STD if in_chans == 3 else [0.25]), "cpu")
     blur = blur_spec_from_args(args, prefix="blur_")
     if blur is None and is_deblurring_model(name):
         from util.blur import BlurSpec
@@ -74,14 +74,15 @@ def main(argv=None):
             image = read_image(path)
         except UnreadableImageError as err:
             raise SystemExit(str(err))
-        source = to_channels(blur.apply(to_grey(image)), in_chans) if blur else to_channels(image, in_chans)
+        # the pixels training would see: PretrainDataset's channel rule and resize, then the same
+        # normalisation on the device
+        source = model_channels(blur.apply(to_grey(image)), in_chans) if blur else model_channels(image, in_chans)
         box = center_box(image.shape[0], image.shape[1], tuple(size))
-        inputs.append(pixels_to_unit(resize_box(source, box, tuple(size))))
-        targets.append(pixels_to_unit(resize_box(to_channels(image, in_chans), box, tuple(size))))
-    x = (torch.stack(inputs) - mean) / std
-    y = (torch.stack(targets) - mean) / std
+        inputs.append(resize_box(source, box, tuple(size)))
+        targets.append(resize_box(model_channels(image, in_chans), box, tuple(size)))
+    x, y = norm(stack_pixels(inputs)), norm(stack_pixels(targets))
     noise = torch.rand(len(inputs), model.num_patches, generator=torch.Generator().manual_seed(args.seed))
-    panels = reconstruction_panels(model, x, y, mean, std, args.mask_ratio, noise)
+    panels = reconstruction_panels(model, x, y, norm.mean, norm.std, args.mask_ratio, noise)
     save_grid_png(args.out, panels_to_grid(panels))
     print(f"wrote {args.out} (columns: input, masked input, reconstruction, target)")
 

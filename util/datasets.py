@@ -113,21 +113,19 @@ def subset(items: list, num: Optional[int], seed: int) -> list:
 
 
 # ------------------------------------------------------------------------------ pixels
-def to_channels(img: np.ndarray, in_chans: int) -> np.ndarray:
-    """H x W or H x W x 3 -> H x W x in_chans (grey replicated to 3 channels, colour to grey)."""
-    if in_chans == 1:
-        return to_grey(img)[:, :, None]
-    if img.ndim == 2:
-        return np.repeat(img[:, :, None], 3, axis=2)
-    return img
-
-
 def model_channels(img: np.ndarray, in_chans: int) -> np.ndarray:
     """H x W or H x W x 3 -> H x W x C as the workers keep it: grey for 1-channel models (colour is
     converted) and for grey images (replicated to 3 channels only on the device); colour stays RGB."""
     if in_chans == 1:
         return to_grey(img)[:, :, None]
     return img[:, :, None] if img.ndim == 2 else img
+
+
+def to_channels(img: np.ndarray, in_chans: int) -> np.ndarray:
+    """H x W or H x W x 3 -> H x W x in_chans (grey replicated to 3 channels, colour to grey): for
+    pipelines that need every channel on the CPU (classification's PIL transforms)."""
+    pixels = model_channels(img, in_chans)
+    return np.repeat(pixels, in_chans, axis=2) if pixels.shape[2] < in_chans else pixels
 
 
 def to_unit_tensor(img: np.ndarray) -> torch.Tensor:
