@@ -30,8 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from util.blur import add_blur_arguments, blur_spec_from_args  # noqa: E402
-from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, PixelNormaliser, PretrainDataset,  # noqa: E402
-                           SeededSampler, collate_skip_bad, worker_options)
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD, PixelNormaliser, PretrainDataset  # noqa: E402
 from util.fileio import atomic_write_text  # noqa: E402
 from util.lr_decay import param_groups  # noqa: E402
 from util.registry import pretrain_models  # noqa: E402
@@ -246,12 +245,8 @@ def build_loader(args):
                               input_size=args.input_size, in_chans=args.in_chans)
     if args.cache_dir:
         dataset.use_cache(args.cache_dir, build=True, num_workers=args.num_workers)
-    sampler = SeededSampler(torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(0)))
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                                       num_workers=args.num_workers, collate_fn=collate_skip_bad,
-                                       pin_memory=args.device.startswith("cuda"),
-                                       persistent_workers=args.num_workers > 0,
-                                       **worker_options(args.num_workers))
+    from main_pretrain import make_loader  # the very loader training uses (one process: rank 0 of 1)
+    return make_loader(dataset, argparse.Namespace(**vars(args), seed=0, pin_mem=True), train=True)
 
 
 def time_loader(args, consume=None):
