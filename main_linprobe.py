@@ -284,7 +284,9 @@ class FeatureBatches:
     DistributedSampler (``start_epoch_data`` seeds it per epoch); yields what ``collate_labelled`` does."""
 
     def __init__(self, split: SplitFeatures, args):
-        self.features, self.labels, self.batch_size = split.features, split.labels, args.batch_size
+        # the whole table lives on the device: a batch is one gather, no host-to-device copy
+        self.features, self.labels = split.features, split.labels.to(split.features.device)
+        self.batch_size = args.batch_size
         self.sampler = DistributedSampler(split.labels, num_replicas=du.get_world_size(), rank=du.get_rank(),
                                           shuffle=True, seed=args.seed, drop_last=False)
         self.generator = torch.Generator()  # unused (no workers); seeded for the same interface
@@ -297,10 +299,10 @@ class FeatureBatches:
         return len(self.sampler) // self.batch_size
 
     def __iter__(self):
-        order = torch.tensor(list(self.sampler), dtype=torch.int64)
+        order = torch.tensor(list(self.sampler), dtype=torch.int64).to(self.features.device)
         for b in range(len(self)):
             rows = order[b * self.batch_size:(b + 1) * self.batch_size]
-            yield self.features[rows.to(self.features.device)], self.labels[rows], rows, 0
+            yield self.features[rows], self.labels[rows], rows, 0
 
 
 # ------------------------------------------------------------------------------ evaluation

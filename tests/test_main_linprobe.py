@@ -192,8 +192,9 @@ def test_knn_run_writes_results_and_uses_k_and_t(dataset, pretrained, tmp_path):
     probs = np.array([r.split(",")[3:] for r in open(tmp_path / "k1" / "predictions.csv").read().split()[1:]], float)
     assert set(probs.ravel()) == {0.0, 1.0}  # one neighbour: its class gets the whole vote
     # every training image votes with (almost) equal weight: the shares are the class frequencies (12/24)
-    main_linprobe.cli(args_for(dataset, tmp_path / "all", "--finetune", ckpt, "--knn", "--knn_k", "100",
-                               "--knn_t", "1000"))
+    with pytest.warns(UserWarning, match="--knn_k 100 exceeds the 24 training images"):
+        main_linprobe.cli(args_for(dataset, tmp_path / "all", "--finetune", ckpt, "--knn", "--knn_k", "100",
+                                   "--knn_t", "1000"))
     probs = np.array([r.split(",")[3:] for r in open(tmp_path / "all" / "predictions.csv").read().split()[1:]], float)
     np.testing.assert_allclose(probs, 0.5, atol=2e-3)
     assert read_log(tmp_path / "all")[-1]["knn_k"] == 24
@@ -251,7 +252,7 @@ def test_eval_of_the_best_checkpoint_reproduces_the_test_results(vit_probe, data
 
 def test_convvit_rgb_probe_on_cached_features(dataset, pretrained, tmp_path):
     main_linprobe.cli(args_for(dataset, tmp_path, "--finetune", str(pretrained["dconvmae_convvit_tiny_patch16"]),
-                               "--cache_features", "--optimizer", "sgd", "--lr", "0.05", "--epochs", "4",
+                               "--cache_features", "--optimizer", "sgd", "--lr", "0.05", "--epochs", "3",
                                "--warmup_epochs", "1", "--global_pool", model="convvit_tiny_patch16",
                                size=("48", "32")))
     log = read_log(tmp_path)
@@ -335,8 +336,9 @@ def test_clear_errors(dataset, pretrained, tmp_path):
     assert "at least 2" in run_expecting_error(args_for(dataset, tmp_path, "--finetune", ckpt, "--batch_size", "1"))
     message = run_expecting_error(args_for(dataset, tmp_path, "--finetune", ckpt, "--batch_size", "64"))
     assert "no full batch" in message and "train" in message
-    message = run_expecting_error(args_for(dataset, tmp_path, "--finetune", str(pretrained["dconvmae_convvit_tiny_patch16"])))
-    assert "dconvmae_convvit_tiny_patch16.pth" in message and "--model" in message
+    convmae = str(pretrained["dconvmae_convvit_tiny_patch16"])
+    message = run_expecting_error(args_for(dataset, tmp_path, "--finetune", convmae))  # into a ViT
+    assert convmae in message and "--model" in message
 
 
 def test_a_run_resumed_into_another_folder_keeps_its_best_head_or_chooses_afresh(tmp_path):
