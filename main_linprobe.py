@@ -226,9 +226,9 @@ def build_optimizer(head, args):
 
 # ------------------------------------------------------------------------------ data and features
 def attach_probe_transforms(datasets, args) -> None:
-    """Training images: RandomResizedCrop + flip only (no RandAugment, erasing or mixup: a linear probe
-    gains nothing from strong augmentation). Everything else, and every split when features are cached
-    or for k-NN: the evaluation resize + centre crop."""
+    """Training images: RandomResizedCrop (bicubic) + flip only, the published probe's weak augmentation
+    (no RandAugment, erasing or mixup). Everything else, and every split when features are cached or
+    for k-NN: the evaluation resize + centre crop."""
     for split, dataset in datasets.items():
         augment = split == "train" and not (args.cache_features or args.knn)
         dataset.transform = build_transform(augment, input_hw(args), args.in_chans, args.data_mean, args.data_std,
