@@ -187,6 +187,52 @@ def test_resolve_pos_class():
 
 
 # ---------------------------------------------------------------------------------------------
+# Degenerate scores (a classifier that has not learnt)
+# ---------------------------------------------------------------------------------------------
+
+def test_tied_scores_give_auroc_one_half_with_a_warning_everywhere(tmp_path):
+    labels = np.array([0, 1] * 10)
+    probs = _probs_from_scores(np.full(20, 0.5))
+    results = evaluate_predictions(labels, probs, ["benign", "malignant"], n_boot=200)
+    auroc = results["metrics"]["auroc"]
+    assert auroc["value"] == 0.5 and auroc["ci_low"] == auroc["ci_high"] == 0.5  # ties count 1/2
+    assert any("same p(malignant)" in w and "0.5 by definition" in w for w in results["warnings"])
+    assert any("predicted 'benign'" in w for w in results["warnings"])  # argmax of a tie: the first class
+    write_results(tmp_path, results, split_name="test")
+    assert _strict_json_load(tmp_path / "results.json")["test"]["warnings"] == results["warnings"]
+    text = (tmp_path / "results.txt").read_text()
+    assert "WARNING: degenerate scores" in text
+    assert [line for line in text.splitlines() if line.startswith("AUROC")][0].endswith("see WARNING)")
+    plot_roc(tmp_path / "roc.png", labels, probs, 1, ["benign", "malignant"])
+    _assert_valid_png(tmp_path / "roc.png")
+
+
+def test_near_tied_scores_that_rank_perfectly_are_flagged():
+    # The reported case: every p = 0.5 +- 1e-5, yet ordered with the labels, so AUROC is 1.
+    labels = np.array([0] * 10 + [1] * 10)
+    scores = 0.5 + np.linspace(-1e-5, 1e-5, 20)
+    results = evaluate_predictions(labels, _probs_from_scores(scores), ["benign", "malignant"], n_boot=100)
+    assert results["metrics"]["auroc"]["value"] == 1.0
+    degenerate = [w for w in results["warnings"] if w.startswith("degenerate scores")]
+    assert len(degenerate) == 1 and "spans only 2e-05" in degenerate[0]
+    # multi-class: each one-vs-rest column is checked
+    probs = np.full((6, 3), 1 / 3) + np.linspace(-1e-6, 1e-6, 6)[:, None] * np.array([1, -1, 0])
+    got = classification_metrics(np.array([0, 1, 2, 0, 1, 2]), probs, class_names=["a", "b", "c"])
+    assert sum(w.startswith("degenerate scores") for w in got["warnings"]) == 3
+
+
+def test_few_distinct_scores_are_flagged_and_a_good_classifier_is_not():
+    # Three distinct scores among 40 images: 40 % of the pairs are tied.
+    labels = np.array([0] * 20 + [1] * 20)
+    scores = np.array([0.1] * 12 + [0.6] * 8 + [0.6] * 8 + [0.9] * 12)
+    got = classification_metrics(labels, _probs_from_scores(scores), class_names=["benign", "malignant"])
+    assert [w for w in got["warnings"] if "pairs have equal p(malignant)" in w and "3 distinct values" in w]
+    assert classification_metrics(BIN_LABELS, _probs_from_scores(BIN_SCORES))["warnings"] == []
+    labels, probs = _synthetic(200, 3, seed=1)
+    assert classification_metrics(labels, probs)["warnings"] == []
+
+
+# ---------------------------------------------------------------------------------------------
 # Bootstrap
 # ---------------------------------------------------------------------------------------------
 

@@ -11,6 +11,10 @@ Conventions used everywhere in this module
 - A metric that is undefined on the data (e.g. AUROC when only one class is present, precision when a
   class is never predicted) is NaN and explained in ``notes``; nothing raises. Macro averages skip
   undefined classes, as scikit-learn does with ``zero_division=np.nan``.
+- Scores that cannot support the numbers are flagged in ``warnings`` (``score_warnings``): AUROC is a
+  ranking statistic, and a classifier that has not learnt (e.g. a run shorter than its learning-rate
+  warm-up) gives every image p = 0.5 up to rounding; the rounding noise may still rank the images
+  perfectly and print "AUROC 1.000". Exact ties count 1/2 (AUROC 0.5 when every score is equal).
 
 Point estimates come from scikit-learn. The bootstrap recomputes the same metrics from per-resample
 confusion matrices and a weighted Mann-Whitney AUROC in numpy, because calling scikit-learn 1000 times
@@ -54,6 +58,15 @@ DISPLAY_NAMES = {
     "f1": "F1",
     "auroc": "AUROC",
 }
+
+# Degenerate scores (see score_warnings). A positive-class probability that varies by less than this over
+# the whole split is no classifier, whatever it ranks: 1e-3 is far below the probability differences a
+# trained model makes between classes, and far above float32 softmax rounding (~1e-7). (bf16 logits are
+# quantised more coarsely, to a few distinct probabilities; the tied-pair check below catches that.)
+TIED_SCORE_RANGE = 1e-3
+# Share of (positive, negative) pairs whose scores are exactly equal above which AUROC is flagged: each
+# such pair counts 1/2, so AUROC then says little about the ranking.
+TIED_PAIR_SHARE = 0.10
 
 # Rows of probabilities must sum to 1 up to rounding: bf16 softmax outputs are off by up to ~1e-2, TTA
 # averages stay at 1. Anything further off is almost certainly logits passed by mistake.
@@ -139,11 +152,12 @@ def _nanmean(x: np.ndarray, axis=None):
 
 def classification_metrics(labels, probs, pos_class: int = 1,
                            class_names: Sequence[str] | None = None) -> dict:
-    """Point estimates of all METRIC_NAMES plus confusion matrix, support, n and notes.
+    """Point estimates of all METRIC_NAMES plus confusion matrix, support, n, notes and warnings.
 
     Returns ``{"accuracy": float, ..., "auroc": float, "confusion_matrix": [[int]] (rows = true,
-    columns = predicted), "support": [int] per class, "n": int, "notes": [str]}``. ``pos_class`` only
-    matters for two classes. NaN marks an undefined metric; ``notes`` says why.
+    columns = predicted), "support": [int] per class, "n": int, "notes": [str], "warnings": [str]}``.
+    ``pos_class`` only matters for two classes. NaN marks an undefined metric; ``notes`` says why.
+    ``warnings`` flags degenerate scores (``score_warnings``).
     """
     labels, probs = _check_inputs(labels, probs, pos_class)
     n, c = probs.shape
@@ -179,6 +193,7 @@ def classification_metrics(labels, probs, pos_class: int = 1,
     result["support"] = np.bincount(labels, minlength=c).tolist()
     result["n"] = int(n)
     result["notes"] = notes
+    result["warnings"] = score_warnings(labels, probs, preds, pos_class, names)
     return result
 
 
@@ -227,6 +242,63 @@ def _auroc(labels: np.ndarray, probs: np.ndarray, pos_class: int, names: list[st
     # average="macro"; computed per class because that API also demands rows summing to 1 within
     # 1e-5, which bf16 probabilities miss.
     return float(np.mean([roc_auc_score(labels == k, probs[:, k]) for k in range(c)])), None
+
+
+def _score_columns(c: int, pos_class: int) -> list[int]:
+    """The probability columns AUROC ranks: the positive class's for two classes, every class's
+    (one-vs-rest) otherwise."""
+    return [pos_class] if c == 2 else list(range(c))
+
+
+def score_warnings(labels: np.ndarray, probs: np.ndarray, preds: np.ndarray, pos_class: int,
+                   names: Sequence[str], unit: str = "images") -> list[str]:
+    """Warnings for scores that make the metrics meaningless although they are computable.
+
+    Degenerate means, for the probability column that AUROC ranks (each class's for more classes):
+    - every score equal: AUROC is 0.5 by definition (ties count 1/2) and ranks nothing;
+    - scores spanning less than ``TIED_SCORE_RANGE`` (1e-3): near-ties, which may still rank perfectly
+      (AUROC 1.0 from rounding noise) but are not a classifier;
+    - more than ``TIED_PAIR_SHARE`` (10 %) of the (positive, negative) pairs exactly tied, i.e. far
+      fewer distinct scores than ``unit``: AUROC is largely made of 1/2 counts.
+    Besides: every ``unit`` predicted as one class (the threshold metrics describe a constant).
+    """
+    found = []
+    for k in _score_columns(probs.shape[1], pos_class):
+        scores, is_pos = probs[:, k], labels == k
+        what = f"p({names[k]})"
+        low, high = float(scores.min()), float(scores.max())
+        if high == low:
+            found.append(f"degenerate scores: every one of the {len(scores)} {unit} has the same {what} = "
+                             f"{low:.6g}, so the scores rank nothing; AUROC is 0.5 by definition (ties count 1/2). "
+                             "The classifier has not learnt (e.g. a run shorter than its learning-rate warm-up).")
+            continue
+        if high - low < TIED_SCORE_RANGE:
+            found.append(f"degenerate scores: {what} spans only {high - low:.2g} ({low:.6g} to {high:.6g}) over "
+                             f"the {len(scores)} {unit}, below the {TIED_SCORE_RANGE:g} tolerance. The classifier "
+                             "barely responds to its input (e.g. a run shorter than its learning-rate warm-up); "
+                             "AUROC and its CI rank differences this small and do not describe a usable model.")
+            continue
+        tied = _tied_pair_share(is_pos, scores)
+        if tied > TIED_PAIR_SHARE:
+            found.append(f"degenerate scores: {100 * tied:.0f}% of the ({names[k]}, other) pairs have equal {what} "
+                             f"({len(np.unique(scores))} distinct values among {len(scores)} {unit}); each tie "
+                             "counts 1/2 in AUROC, so it says little about the ranking.")
+    predicted = np.unique(preds)
+    if len(predicted) == 1 and len(np.unique(labels)) > 1:
+        found.append(f"every one of the {len(preds)} {unit} is predicted '{names[int(predicted[0])]}': "
+                         "accuracy, sensitivity, specificity and F1 describe that constant answer.")
+    return found
+
+
+def _tied_pair_share(is_pos: np.ndarray, scores: np.ndarray) -> float:
+    """Share of (positive, negative) pairs with exactly equal scores; 0 when a side is empty."""
+    n_pos, n_neg = int(is_pos.sum()), int((~is_pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return 0.0
+    values, inverse = np.unique(scores, return_inverse=True)
+    pos_per_value = np.bincount(inverse, weights=is_pos, minlength=len(values))
+    neg_per_value = np.bincount(inverse, weights=~is_pos, minlength=len(values))
+    return float((pos_per_value * neg_per_value).sum() / (n_pos * n_neg))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,7 +437,7 @@ def evaluate_predictions(labels, probs, class_names: Sequence[str] | None = None
         {"n": int, "class_names": [str], "pos_class": int | None (None for > 2 classes),
          "averaging": "binary" | "macro",
          "metrics": {name: {"value", "ci_low", "ci_high", "n_boot_valid"}},
-         "confusion_matrix": [[int]], "support": [int], "notes": [str],
+         "confusion_matrix": [[int]], "support": [int], "notes": [str], "warnings": [str],
          "bootstrap": {"n_boot", "alpha", "seed", "method": "percentile"}}
 
     ``n_boot=0`` skips the bootstrap (CIs NaN), e.g. for per-epoch validation.
@@ -396,6 +468,7 @@ def evaluate_predictions(labels, probs, class_names: Sequence[str] | None = None
         "confusion_matrix": point["confusion_matrix"],
         "support": point["support"],
         "notes": notes,
+        "warnings": point["warnings"],
         "bootstrap": {"n_boot": n_boot, "alpha": alpha, "seed": seed, "method": "percentile"},
     }
 
@@ -558,11 +631,14 @@ def format_results_table(results: dict, split_name: str) -> str:
     pos = results.get("pos_class")
     averaging = (f"binary, positive class '{names[pos]}'" if pos is not None
                  else "macro average over classes (one-vs-rest)")
-    lines = [f"== {split_name}: n = {results['n']}, classes {', '.join(names)}; {averaging}",
-             f"{'metric':<22}{'value':>8}   {level:g}% CI (bootstrap, {results['bootstrap']['n_boot']} resamples)"]
+    lines = [f"== {split_name}: n = {results['n']}, classes {', '.join(names)}; {averaging}"]
+    lines += [f"WARNING: {warning}" for warning in results.get("warnings", [])]
+    lines.append(f"{'metric':<22}{'value':>8}   {level:g}% CI (bootstrap, {results['bootstrap']['n_boot']} resamples)")
+    degenerate = any(w.startswith("degenerate scores") for w in results.get("warnings", []))
     for name, m in results["metrics"].items():
         ci = f"[{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]"
-        lines.append(f"{DISPLAY_NAMES.get(name, name):<22}{_fmt(m['value']):>8}   {ci}")
+        flag = "   (degenerate scores: see WARNING)" if degenerate and name == "auroc" else ""
+        lines.append(f"{DISPLAY_NAMES.get(name, name):<22}{_fmt(m['value']):>8}   {ci}{flag}")
     widest_count = max(len(str(v)) for v in results["support"])  # a row total bounds every cell
     width = max(*(len(n) for n in names), len("support"), widest_count) + 2
     lines.append("confusion matrix (rows = true class, columns = predicted class):")
@@ -627,6 +703,8 @@ def plot_roc(path: str | os.PathLike, labels, probs, pos_class: int = 1,
     title = f"ROC, positive class '{names[pos_class]}'" if c == 2 else "ROC, one-vs-rest"
     if undefined:
         title += f"\nundefined for {', '.join(undefined)} (one class only in the labels)"
+    if any(w.startswith("degenerate scores") for w in score_warnings(labels, probs, probs.argmax(1), pos_class, names)):
+        title += "\ndegenerate scores: see the warnings in results.txt"
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity (false positive rate)",
            ylabel="sensitivity (true positive rate)", title=title, aspect="equal")
     ax.legend(loc="lower right", fontsize="small")
