@@ -576,7 +576,7 @@ def _level_results(labels, probs, clusters, names, pos_class, n_boot, alpha, see
 # How results name the group_by choices of main_finetune.py (any other string is shown as it is).
 GROUP_BY_DESCRIPTIONS = {
     "image": "each image its own group",
-    "file": "by source file: the frames of one multi-frame file form one group",
+    "file": "by source file",
     "patient": "by DICOM PatientID",
     "study": "by DICOM StudyInstanceUID",
     "csv": "by the --groups file",
