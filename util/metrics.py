@@ -27,6 +27,7 @@ per metric takes tens of seconds; tests check both paths agree.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -617,7 +618,10 @@ def evaluate_predictions(labels, probs, class_names: Sequence[str] | None = None
     n_groups = len(grouped.names)
     level_args = (pos_class, n_boot, alpha, seed, threshold)
     per_image = _level_results(labels, probs, grouped.image_group, names, *level_args, "images")
-    per_group = _level_results(grouped.labels, grouped.probs, grouped.case_group, names, *level_args, "groups")
+    if len(grouped.labels) == len(labels):  # one image per group: the same numbers, without a second bootstrap
+        per_group = copy.deepcopy(per_image)
+    else:
+        per_group = _level_results(grouped.labels, grouped.probs, grouped.case_group, names, *level_args, "groups")
     if grouped.mixed_groups:
         per_group["notes"].append(f"{grouped.mixed_groups} group(s) hold images of more than one class; each "
                                   f"class of such a group is scored as its own case ({per_group['n']} cases "
