@@ -10,7 +10,8 @@ validation split (``--select_metric``), training stops early after ``--early_sto
 improvement, and the test split is always evaluated with the best model at the end. Only
 ``checkpoint-best.pth`` (weights) and ``checkpoint-last.pth`` (weights + optimizer, for resuming) are
 kept. Evaluation writes results.json / results.txt, predictions.csv and ROC / confusion-matrix PNGs
-(util/metrics.py); under torchrun every image is counted exactly once.
+(util/metrics.py), per image and per group of images (``--group_by``: the frames of one cine file by
+default; the bootstrap resamples groups); under torchrun every image is counted exactly once.
 """
 from __future__ import annotations
 
@@ -28,14 +29,15 @@ from util import distributed as du
 from util.blur import add_blur_arguments, blur_spec_from_args
 from util.checkpoint import (FIRST_CONV_KEYS, CheckpointError, extract_state_dict, load_checkpoint_file,
                              load_weights, save_checkpoint)
-from util.cls_datasets import (RANDAUGMENT, SPLITS, ClassificationDataset, build_transform, collate_labelled,
-                               find_class_names, pixel_mean_std, resolve_class_names)
+from util.cls_datasets import (GROUP_BY, RANDAUGMENT, SPLITS, ClassificationDataset, build_transform,
+                               collate_labelled, find_class_names, pixel_mean_std, read_groups_csv,
+                               resolve_class_names)
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD, DatasetError, worker_options
 from util.fileio import check_writable
 from util.lr_decay import param_groups
 from util.lr_sched import adjust_learning_rate, effective_lr
-from util.metrics import (METRIC_NAMES, evaluate_and_write, evaluate_predictions, format_results_table,
-                          gather_unique_predictions, resolve_pos_class)
+from util.metrics import (METRIC_NAMES, choose_threshold, evaluate_and_write, evaluate_predictions,
+                          format_results_table, gather_unique_predictions, resolve_pos_class)
 from util.registry import finetune_models
 from util.training import (StopTraining, accumulate_backward, amp_dtype, append_log, check_nonfinite, epoch_seed,
                            install_sigterm_handler, log_progress, plain_args, run_cli, step_optimizer)
@@ -121,6 +123,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_split", default="test", choices=("val", "test"), help="split evaluated by --eval")
     p.add_argument("--tta", action="store_true", help="average the probabilities of the image and its mirror")
     p.add_argument("--n_boot", default=1000, type=int, help="bootstrap resamples for the 95%% CIs (0: none)")
+    p.add_argument("--group_by", default=None, choices=GROUP_BY,
+                   help="images that form one case for the per-group metrics, whose bootstrap resamples whole "
+                        "groups: file (default; the frames of one multi-frame DICOM), patient (DICOM PatientID), "
+                        "study (DICOM StudyInstanceUID), csv (the --groups file)")
+    p.add_argument("--groups", default=None, metavar="CSV",
+                   help="CSV with the columns file,group (file relative to --data_path, e.g. test/benign/a.png); "
+                        "implies --group_by csv")
+    operating = p.add_mutually_exclusive_group()
+    operating.add_argument("--threshold", type=float, default=None, metavar="T",
+                           help="two classes: predict the positive class when its probability is >= T "
+                                "(default: the larger probability)")
+    operating.add_argument("--target_sensitivity", type=float, default=None, metavar="S",
+                           help="two classes: choose the threshold on the val split (per group) as the highest "
+                                "one with sensitivity >= S and apply it to val and test")
+    operating.add_argument("--target_specificity", type=float, default=None, metavar="S",
+                           help="two classes: choose the threshold on the val split (per group) as the lowest "
+                                "one with specificity >= S and apply it to val and test")
     p.add_argument("--dist_eval", action="store_true", help=argparse.SUPPRESS)  # evaluation is always distributed
     # outputs
     p.add_argument("--output_dir", "--output", default="./output_dir", type=str)
@@ -189,7 +208,10 @@ def warn_on_blur_change(args, recorded: dict) -> None:
 
 # ------------------------------------------------------------------------------ data
 def required_splits(args):
-    return (args.eval_split,) if args.eval else SPLITS
+    if not args.eval:
+        return SPLITS
+    # an operating point chosen on val needs the val predictions also when test is evaluated
+    return (args.eval_split,) if args.eval_split == "val" or not target_operating_point(args) else ("val", "test")
 
 
 def check_split_folders(args) -> None:
@@ -482,16 +504,95 @@ def validation_log(labels, probs, class_names, pos_class) -> dict:
     return log
 
 
-def evaluate_and_report(model, loader, split, args, class_names, pos_class):
-    """Full evaluation of one split: every output file on the main process; the results dict."""
-    idx, labels, probs, _ = predict(model, loader, args)
+def target_operating_point(args):
+    """``("target_sensitivity", S)`` / ``("target_specificity", S)`` when asked for, else None."""
+    for name in ("target_sensitivity", "target_specificity"):
+        if getattr(args, name, None) is not None:
+            return name, getattr(args, name)
+    return None
+
+
+def prepare_evaluation(datasets, class_names, args) -> None:
+    """Check the evaluation flags and give every sample its group (``--group_by``, ``--groups``)."""
+    if args.groups and args.group_by not in (None, "csv"):
+        raise SystemExit(f"--groups {args.groups} gives the groups of a CSV file; it cannot be combined with "
+                         f"--group_by {args.group_by}. Drop one of them.")
+    args.group_by = "csv" if args.groups else (args.group_by or "file")
+    if args.group_by == "csv" and not args.groups:
+        raise SystemExit("--group_by csv reads the groups from a CSV file: pass it with --groups FILE "
+                         "(columns file,group)")
+    target = target_operating_point(args)
+    if (args.threshold is not None or target) and len(class_names) != 2:
+        raise SystemExit(f"--threshold / --target_sensitivity / --target_specificity set the operating point of "
+                         f"a two-class model; these data have {len(class_names)} classes")
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise SystemExit(f"--threshold {args.threshold}: a probability in [0, 1] is needed")
+    if target and not 0 < target[1] <= 1:
+        raise SystemExit(f"--{target[0]} {target[1]}: a value in (0, 1] is needed (e.g. 0.9)")
+    mapping = read_groups_csv(args.groups) if args.groups else None
+    for dataset in datasets.values():
+        dataset.assign_groups(args.group_by, mapping, source=f"--groups {args.groups}")
+    counts = ", ".join(f"{split} {len(set(d.groups))}" for split, d in datasets.items())
+    print(f"groups (--group_by {args.group_by}): {counts}")
+    warn_on_groups_shared_between_splits(datasets, args.group_by)
+
+
+def warn_on_groups_shared_between_splits(datasets, group_by: str) -> None:
+    """A patient in train and test inflates every test metric; say so (a file cannot be in two splits)."""
+    if group_by == "file":
+        return
+    names = {split: set(dataset.groups) for split, dataset in datasets.items()}
+    splits = list(names)
+    for i, first in enumerate(splits):
+        for second in splits[i + 1:]:
+            shared = sorted(names[first] & names[second])
+            if shared:
+                warnings.warn(f"{len(shared)} group(s) (--group_by {group_by}) have images in both {first} and "
+                              f"{second}, e.g. {', '.join(shared[:5])}: the {second} metrics are not those of "
+                              "unseen patients. tools/split_by_patient.py splits a dataset by group.")
+
+
+def split_predictions(model, dataset, args):
+    """(files, labels, probs, groups) of one split on the main process (None elsewhere); a collective."""
+    idx, labels, probs, _ = predict(model, make_loader(dataset, args, train=False), args)
     if not du.is_main_process():
         return None
-    files = [loader.dataset.sample_name(int(i)) for i in idx]
-    results = evaluate_and_write(args.output_dir, split, files, labels, probs, class_names, pos_class,
-                                 n_boot=args.n_boot, seed=args.seed)
-    print(format_results_table(results, split))
-    return results
+    return ([dataset.sample_name(int(i)) for i in idx], labels, probs, [dataset.sample_group(int(i)) for i in idx])
+
+
+def operating_threshold(predictions, pos_class, args):
+    """(threshold, how it was chosen) of ``--threshold`` / ``--target_*``; (None, None) for argmax."""
+    if args.threshold is not None:
+        return args.threshold, {"rule": "fixed"}
+    target = target_operating_point(args)
+    if target is None:
+        return None, None
+    _, labels, probs, groups = predictions["val"]
+    try:
+        threshold, achieved = choose_threshold(labels, probs, pos_class, groups=groups, **{target[0]: target[1]})
+    except ValueError as err:
+        raise SystemExit(f"--{target[0]} {target[1]}: {err} (the val split of {args.data_path})")
+    return threshold, {"rule": target[0], target[0]: target[1], "chosen_on": "val", "level": "groups",
+                       "achieved": achieved}
+
+
+def evaluate_and_report(model, datasets, splits, args, class_names, pos_class) -> dict:
+    """Full evaluation of ``splits`` (val first when an operating point is chosen on it): every output
+    file and the printed tables on the main process. Returns ``{split: results}`` there, ``{}`` elsewhere."""
+    needed = list(splits)
+    if target_operating_point(args) and "val" not in needed:
+        needed.insert(0, "val")
+    predictions = {split: split_predictions(model, datasets[split], args) for split in needed}
+    if not du.is_main_process():
+        return {}
+    threshold, point = operating_threshold(predictions, pos_class, args)
+    reports = {}
+    for split, (files, labels, probs, groups) in predictions.items():
+        reports[split] = evaluate_and_write(args.output_dir, split, files, labels, probs, class_names, pos_class,
+                                            n_boot=args.n_boot, seed=args.seed, groups=groups,
+                                            group_by=args.group_by, threshold=threshold, operating_point=point)
+        print(format_results_table(reports[split], split))
+    return reports
 
 
 # ------------------------------------------------------------------------------ checkpoints out
@@ -573,6 +674,7 @@ def prepare(args):
     except ValueError as err:
         raise SystemExit(str(err))
     datasets = build_datasets(args, class_names)
+    prepare_evaluation(datasets, class_names, args)
     args.data_mean, args.data_std = normalisation(args, datasets, recorded)
     attach_transforms(datasets, args, args.data_mean, args.data_std)
     describe_data(datasets, class_names, pos_class, args)
@@ -589,9 +691,7 @@ def prepare(args):
 
 
 def run_evaluation(model, datasets, class_names, pos_class, args) -> None:
-    split = args.eval_split
-    loader = make_loader(datasets[split], args, train=False)
-    evaluate_and_report(model, loader, split, args, class_names, pos_class)
+    evaluate_and_report(model, datasets, (args.eval_split,), args, class_names, pos_class)
     if du.is_main_process():
         print(f"results written to {os.path.join(args.output_dir, 'results.json')} (and .txt, predictions, figures)")
 
@@ -675,11 +775,10 @@ def evaluate_best(model, datasets, class_names, pos_class, best, args) -> None:
     load_weights(model, path, allowed_missing=(), allow_unexpected=False)
     print(f"evaluating the best model (epoch {best.get('epoch')}) on val and test")
     summary = {"best_epoch": best.get("epoch"), "select_metric": best.get("metric")}
-    for split in ("val", "test"):
-        results = evaluate_and_report(model, make_loader(datasets[split], args, train=False), split, args,
-                                      class_names, pos_class)
-        if results is not None:
-            summary.update({f"{split}_{k}": m["value"] for k, m in results["metrics"].items()})
+    for split, results in evaluate_and_report(model, datasets, ("val", "test"), args, class_names, pos_class).items():
+        summary.update({f"{split}_{k}": m["value"] for k, m in results["metrics"].items()})
+        summary.update({f"{split}_groups_{k}": m["value"] for k, m in results["group_level"]["metrics"].items()})
+        summary.update({f"{split}_n_images": results["n_images"], f"{split}_n_groups": results["n_groups"]})
     if du.is_main_process():
         append_log(args.output_dir, summary, None, 0)
 

@@ -1,7 +1,9 @@
 """main_finetune.py end to end on CPU: tiny models, images made here, every output checked."""
 import argparse
+import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -102,11 +104,12 @@ def test_run_selects_best_epoch_stops_early_and_evaluates_test(trained):
 def test_run_writes_every_output(trained):
     files = set(os.listdir(trained))
     assert {"results.json", "results.txt", "predictions.csv", "roc_curve.png", "confusion_matrix.png",
-            "predictions_val.csv", "log.txt"} <= files
+            "predictions_val.csv", "log.txt", "predictions_groups.csv", "confusion_matrix_groups.png"} <= files
     assert any(f.startswith("events.out.tfevents") for f in files)
     rows = open(trained / "predictions.csv").read().splitlines()
-    assert rows[0] == "file,label,predicted,prob_benign,prob_malignant" and len(rows) == N_TEST + 1
-    assert "== test: n = 7" in open(trained / "results.txt").read()
+    assert rows[0] == "file,label,predicted,prob_benign,prob_malignant,group" and len(rows) == N_TEST + 1
+    assert rows[1].split(",")[-1] == rows[1].split(",")[0]  # PNG files: each file its own group
+    assert "== test: n = 7 images in 7 groups (by source file" in open(trained / "results.txt").read()
 
 
 def test_eval_reproduces_the_test_metrics(trained, dataset, tmp_path):
@@ -139,7 +142,8 @@ def test_two_processes_count_each_test_image_once(trained, dataset, tmp_path, re
 
 
 def read_predictions(out):
-    return [line.split(",") for line in open(out / "predictions.csv").read().splitlines()[1:]]
+    """Rows of predictions.csv without the group column."""
+    return [line.split(",")[:-1] for line in open(out / "predictions.csv").read().splitlines()[1:]]
 
 
 # ------------------------------------------------------------------------------ layer decay
@@ -285,3 +289,115 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(dataset, tmp_path):
     assert [e["epoch"] for e in split] == [0, 1, 2]
     for a, b in zip(full, split):
         assert (a["train_loss"], a["val_loss"]) == (b["train_loss"], b["val_loss"])
+
+
+# ------------------------------------------------------------------------------ groups and operating point
+def write_dicom(path, frames, **tags):
+    """A grey DICOM file of ``frames`` (F x H x W uint8; F > 1: a multi-frame cine) with ``tags``."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.set_pixel_data(frames if len(frames) > 1 else frames[0], "MONOCHROME2", 8)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def cine(rng, malignant: bool, n_frames: int):
+    return np.stack([make_image(rng, malignant) for _ in range(n_frames)])
+
+
+def test_frames_of_one_dicom_file_form_one_group_and_tags_or_a_csv_group_files(tmp_path):
+    from util.cls_datasets import ClassificationDataset, read_groups_csv
+    from util.datasets import DatasetError
+
+    rng = np.random.default_rng(1)
+    test = tmp_path / "test"
+    write_dicom(test / "malignant" / "cine.dcm", cine(rng, True, 4), PatientID="P1", StudyInstanceUID="1.2.3")
+    write_dicom(test / "malignant" / "still.dcm", cine(rng, True, 1), PatientID="P1", StudyInstanceUID="1.2.4")
+    write_dicom(test / "benign" / "other.dcm", cine(rng, False, 1), PatientID="P2", StudyInstanceUID="1.2.5")
+    cv2.imwrite(str(test / "benign" / "a.png"), make_image(rng, False))
+    ds = ClassificationDataset(str(tmp_path), "test", ["benign", "malignant"])
+    assert len(ds) == 7
+    by_sample = {ds.sample_name(i): ds.sample_group(i) for i in range(len(ds))}
+    assert {by_sample[f"malignant/cine.dcm#{f}"] for f in range(4)} == {"malignant/cine.dcm"}
+    assert len(set(ds.groups)) == 4  # the 4 frames are one group, every other file its own
+    # patient / study from the DICOM tags; a file without them is named with the fix
+    with pytest.raises(DatasetError, match=r"no DICOM PatientID.*benign/a.png.*--groups"):
+        ds.assign_groups("patient")
+    (test / "benign" / "a.png").unlink()
+    ds = ClassificationDataset(str(tmp_path), "test", ["benign", "malignant"])
+    ds.assign_groups("patient")
+    assert sorted(ds.groups) == ["P1"] * 5 + ["P2"]
+    ds.assign_groups("study")
+    assert sorted(set(ds.groups)) == ["1.2.3", "1.2.4", "1.2.5"]
+    # a CSV: paths relative to the data folder or to the split; files it lacks are named
+    groups_csv = tmp_path / "groups.csv"
+    groups_csv.write_text("file,group\ntest/malignant/cine.dcm,A\n./malignant/still.dcm,A\nbenign/other.dcm,B\n")
+    ds.assign_groups("csv", read_groups_csv(str(groups_csv)))
+    assert sorted(ds.groups) == ["A"] * 5 + ["B"]
+    groups_csv.write_text("file,group\ntest/malignant/cine.dcm,A\n")
+    with pytest.raises(DatasetError, match=r"no group for 2 file\(s\).*test/benign/other.dcm"):
+        ds.assign_groups("csv", read_groups_csv(str(groups_csv)))
+    groups_csv.write_text("name,patient\nx,y\n")
+    with pytest.raises(DatasetError, match="columns file,group"):
+        read_groups_csv(str(groups_csv))
+
+
+def test_eval_reports_per_group_and_applies_an_operating_point_chosen_on_val(trained, dataset, tmp_path):
+    from util.metrics import choose_threshold
+
+    data = tmp_path / "data"
+    for split in ("val", "test"):
+        shutil.copytree(dataset / split, data / split)
+    n_frames = 5
+    write_dicom(data / "test" / "malignant" / "cine.dcm", cine(np.random.default_rng(2), True, n_frames))
+    out = tmp_path / "out"
+    main_finetune.cli(common_args(data, out, "--resume", str(trained / "checkpoint-best.pth"), "--eval",
+                                  "--blur", "gaussian", "--target_sensitivity", "0.75"))
+    test, val = saved_results(out), saved_results(out, "val")
+    assert test["n_images"] == N_TEST + n_frames and test["n_groups"] == N_TEST + 1 and test["group_by"] == "file"
+    assert test["group_level"]["n"] == N_TEST + 1 and test["bootstrap"]["resamples"] == "groups"
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert [r["group"] for r in rows if r["file"].startswith("malignant/cine.dcm#")] == ["malignant/cine.dcm"] * 5
+    groups = list(csv.DictReader(open(out / "predictions_groups.csv")))
+    assert [g["n_images"] for g in groups if g["group"] == "malignant/cine.dcm"] == [str(n_frames)]
+    # the threshold: chosen on val's groups, recorded in both splits and applied to both
+    val_rows = list(csv.DictReader(open(out / "predictions_val.csv")))
+    labels = np.array([r["label"] == "malignant" for r in val_rows], dtype=int)
+    probs = np.array([[float(r["prob_benign"]), float(r["prob_malignant"])] for r in val_rows])
+    expected, achieved = choose_threshold(labels, probs, groups=[r["group"] for r in val_rows],
+                                          target_sensitivity=0.75)
+    for results in (test, val):
+        point = results["operating_point"]
+        assert point["threshold"] == expected and point["rule"] == "target_sensitivity"
+        assert point["chosen_on"] == "val" and point["achieved"] == achieved
+    assert val["metrics"]["recall"]["value"] >= 0.75
+    predicted = [r["predicted"] == "malignant" for r in rows]
+    assert predicted == [float(r["prob_malignant"]) >= expected for r in rows]
+    assert test["confusion_matrix"][1][1] == sum(p and r["label"] == "malignant" for p, r in zip(predicted, rows))
+    text = open(out / "results.txt").read()
+    assert f"operating point: p(malignant) >= {expected:.6g}, chosen on val for sensitivity >= 0.75" in text
+    assert "-- per group (n = 8 cases in 8 groups" in text
+
+
+def test_evaluation_flag_errors_and_groups_shared_between_splits(trained, dataset, tmp_path):
+    ckpt = ["--resume", str(trained / "checkpoint-best.pth"), "--eval", "--blur", "gaussian"]
+    assert "--groups FILE" in run_expecting_error(common_args(dataset, tmp_path, *ckpt, "--group_by", "csv"))
+    assert "[0, 1]" in run_expecting_error(common_args(dataset, tmp_path, *ckpt, "--threshold", "1.5"))
+    assert "(0, 1]" in run_expecting_error(common_args(dataset, tmp_path, *ckpt, "--target_specificity", "0"))
+    # a patient with images in val and test: warned about, named
+    groups_csv = tmp_path / "groups.csv"
+    rows = ["file,group"] + [f"{split}/{sub}/{f},patient-{f[-5]}" for split in ("val", "test")
+                             for sub in ("benign", "malignant") for f in os.listdir(dataset / split / sub)]
+    groups_csv.write_text("\n".join(rows) + "\n")
+    with pytest.warns(UserWarning, match=r"group\(s\) \(--group_by csv\) have images in both val and test"):
+        main_finetune.cli(common_args(dataset, tmp_path / "o", *ckpt, "--groups", str(groups_csv),
+                                      "--target_specificity", "0.5", "--n_boot", "0"))
+    assert saved_results(tmp_path / "o")["group_by"] == "csv"

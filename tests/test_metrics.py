@@ -14,9 +14,13 @@ from sklearn import metrics as skm
 from torch.utils.data import DistributedSampler
 
 from util.fileio import atomic_path, atomic_write_text
+import util.metrics as metrics_module
 from util.metrics import (
     METRIC_NAMES,
     _batched_metrics,
+    _resample_weights,
+    choose_threshold,
+    group_scores,
     bootstrap_ci,
     bootstrap_distributions,
     classification_metrics,
@@ -187,6 +191,52 @@ def test_resolve_pos_class():
 
 
 # ---------------------------------------------------------------------------------------------
+# Degenerate scores (a classifier that has not learnt)
+# ---------------------------------------------------------------------------------------------
+
+def test_tied_scores_give_auroc_one_half_with_a_warning_everywhere(tmp_path):
+    labels = np.array([0, 1] * 10)
+    probs = _probs_from_scores(np.full(20, 0.5))
+    results = evaluate_predictions(labels, probs, ["benign", "malignant"], n_boot=200)
+    auroc = results["metrics"]["auroc"]
+    assert auroc["value"] == 0.5 and auroc["ci_low"] == auroc["ci_high"] == 0.5  # ties count 1/2
+    assert any("same p(malignant)" in w and "0.5 by definition" in w for w in results["warnings"])
+    assert any("predicted 'benign'" in w for w in results["warnings"])  # argmax of a tie: the first class
+    write_results(tmp_path, results, split_name="test")
+    assert _strict_json_load(tmp_path / "results.json")["test"]["warnings"] == results["warnings"]
+    text = (tmp_path / "results.txt").read_text()
+    assert "WARNING: degenerate scores" in text
+    assert [line for line in text.splitlines() if line.startswith("AUROC")][0].endswith("see WARNING)")
+    plot_roc(tmp_path / "roc.png", labels, probs, 1, ["benign", "malignant"])
+    _assert_valid_png(tmp_path / "roc.png")
+
+
+def test_near_tied_scores_that_rank_perfectly_are_flagged():
+    # The reported case: every p = 0.5 +- 1e-5, yet ordered with the labels, so AUROC is 1.
+    labels = np.array([0] * 10 + [1] * 10)
+    scores = 0.5 + np.linspace(-1e-5, 1e-5, 20)
+    results = evaluate_predictions(labels, _probs_from_scores(scores), ["benign", "malignant"], n_boot=100)
+    assert results["metrics"]["auroc"]["value"] == 1.0
+    degenerate = [w for w in results["warnings"] if w.startswith("degenerate scores")]
+    assert len(degenerate) == 1 and "spans only 2e-05" in degenerate[0]
+    # multi-class: each one-vs-rest column is checked
+    probs = np.full((6, 3), 1 / 3) + np.linspace(-1e-6, 1e-6, 6)[:, None] * np.array([1, -1, 0])
+    got = classification_metrics(np.array([0, 1, 2, 0, 1, 2]), probs, class_names=["a", "b", "c"])
+    assert sum(w.startswith("degenerate scores") for w in got["warnings"]) == 3
+
+
+def test_few_distinct_scores_are_flagged_and_a_good_classifier_is_not():
+    # Three distinct scores among 40 images: 40 % of the pairs are tied.
+    labels = np.array([0] * 20 + [1] * 20)
+    scores = np.array([0.1] * 12 + [0.6] * 8 + [0.6] * 8 + [0.9] * 12)
+    got = classification_metrics(labels, _probs_from_scores(scores), class_names=["benign", "malignant"])
+    assert [w for w in got["warnings"] if "pairs have equal p(malignant)" in w and "3 distinct values" in w]
+    assert classification_metrics(BIN_LABELS, _probs_from_scores(BIN_SCORES))["warnings"] == []
+    labels, probs = _synthetic(200, 3, seed=1)
+    assert classification_metrics(labels, probs)["warnings"] == []
+
+
+# ---------------------------------------------------------------------------------------------
 # Bootstrap
 # ---------------------------------------------------------------------------------------------
 
@@ -276,6 +326,145 @@ def test_evaluate_predictions_structure_and_undefined_auroc():
 
 
 # ---------------------------------------------------------------------------------------------
+# Groups (cine files, patients) and operating points
+# ---------------------------------------------------------------------------------------------
+
+def _one_cine_and_single_images():
+    """A 40-frame malignant cine, every frame right, and 10 single images of which half are wrong:
+    90 % of the images but only 6 of the 11 groups are right."""
+    labels = np.array([1] * 40 + [0, 1] * 5)
+    scores = np.r_[np.linspace(0.8, 0.95, 40), [0.2, 0.8, 0.3, 0.7, 0.1, 0.4, 0.7, 0.3, 0.9, 0.1]]
+    groups = ["cine.dcm"] * 40 + [f"single{i}.png" for i in range(10)]
+    return labels, _probs_from_scores(scores), groups
+
+
+def test_bootstrap_resamples_whole_groups():
+    clusters = np.array([2, 0, 0, 1, 2, 2, 0, 3])
+    weights = _resample_weights(np.random.default_rng(0), 500, clusters)
+    assert weights.shape == (500, 8)
+    for g in range(4):  # every member of a group is drawn as often as the group
+        members = weights[:, clusters == g]
+        assert np.all(members == members[:, :1])
+    per_group = np.stack([weights[:, clusters == g][:, 0] for g in range(4)], axis=1)
+    assert np.all(per_group.sum(axis=1) == 4)  # 4 groups drawn per resample, not 8 images
+    assert len(np.unique(per_group, axis=0)) > 20  # and they vary
+    # each image its own group: the image bootstrap, with the same draws as before groups existed
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    draws = rng_b.integers(0, 8, size=(3, 8)) + np.arange(3)[:, None] * 8
+    expected = np.bincount(draws.ravel(), minlength=24).reshape(3, 8)
+    assert np.array_equal(_resample_weights(rng_a, 3, np.arange(8)), expected)
+
+
+def test_group_bootstrap_ci_is_wider_than_the_image_bootstrap_when_one_group_dominates():
+    labels, probs, groups = _one_cine_and_single_images()
+    naive = evaluate_predictions(labels, probs, ["benign", "malignant"], n_boot=1000)
+    grouped = evaluate_predictions(labels, probs, ["benign", "malignant"], n_boot=1000, groups=groups,
+                                   group_by="file")
+    width = lambda m: m["ci_high"] - m["ci_low"]  # noqa: E731
+    acc_naive, acc_grouped = naive["metrics"]["accuracy"], grouped["metrics"]["accuracy"]
+    assert acc_naive["value"] == acc_grouped["value"] == pytest.approx(0.9)  # same images, same point
+    assert width(acc_naive) < 0.2 and width(acc_grouped) > 2 * width(acc_naive)
+    assert grouped["n"] == grouped["n_images"] == 50 and grouped["n_groups"] == 11 and naive["n_groups"] == 50
+    assert grouped["bootstrap"]["resamples"] == "groups" and grouped["bootstrap"]["n_groups"] == 11
+    # per group: 11 cases, each scored by its mean probability
+    level = grouped["group_level"]
+    assert level["n"] == 11 and level["support"] == [5, 6]
+    assert level["metrics"]["accuracy"]["value"] == pytest.approx(6 / 11)
+    expected_scores = np.r_[np.linspace(0.8, 0.95, 40).mean(), probs[40:, 1]]
+    expected_labels = np.r_[1, labels[40:]]
+    assert level["metrics"]["auroc"]["value"] == pytest.approx(skm.roc_auc_score(expected_labels, expected_scores))
+    assert width(level["metrics"]["accuracy"]) > 2 * width(acc_naive)
+
+
+def test_group_scores_pool_each_class_of_a_group_and_note_mixed_groups():
+    labels = np.array([0, 0, 1, 1, 1])
+    probs = _probs_from_scores([0.2, 0.4, 0.9, 0.7, 0.6])
+    grouped = group_scores(labels, probs, ["p1", "p1", "p1", "p2", "p2"])
+    assert grouped.names == ["p1", "p2"] and grouped.mixed_groups == 1
+    assert grouped.labels.tolist() == [0, 1, 1] and grouped.case_group.tolist() == [0, 0, 1]
+    assert grouped.n_images.tolist() == [2, 1, 2]
+    np.testing.assert_allclose(grouped.probs[:, 1], [0.3, 0.9, 0.65])
+    results = evaluate_predictions(labels, probs, n_boot=20, groups=["p1", "p1", "p1", "p2", "p2"])
+    assert results["n_groups"] == 2 and results["group_level"]["n"] == 3
+    assert any("1 group(s) hold images of more than one class" in n for n in results["group_level"]["notes"])
+
+
+def test_threshold_chosen_for_a_target_on_validation_data():
+    # positives 0.9 0.8 0.6 0.3, negatives 0.7 0.5 0.4 0.2 0.1
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0])
+    probs = _probs_from_scores([0.9, 0.8, 0.6, 0.3, 0.7, 0.5, 0.4, 0.2, 0.1])
+    t, achieved = choose_threshold(labels, probs, target_sensitivity=0.75)
+    assert t == 0.6 and achieved == {"sensitivity": 0.75, "specificity": 0.8, "n": 9}
+    t, achieved = choose_threshold(labels, probs, target_sensitivity=1.0)
+    assert t == 0.3 and achieved["specificity"] == pytest.approx(0.4)
+    t, achieved = choose_threshold(labels, probs, target_specificity=0.8)  # lowest threshold with spec >= 0.8
+    assert t == 0.6 and achieved["sensitivity"] == 0.75
+    t, achieved = choose_threshold(labels, probs, target_specificity=1.0)
+    assert t == 0.8 and achieved == {"sensitivity": 0.5, "specificity": 1.0, "n": 9}
+    # the top score negative: only "no positive" reaches specificity 1
+    t, achieved = choose_threshold(np.array([0, 1]), _probs_from_scores([0.9, 0.5]), target_specificity=1.0)
+    assert 0.9 < t < 0.9 + 1e-12 and achieved["sensitivity"] == 0.0
+    # per group: a patient's frames are one case
+    t, achieved = choose_threshold(np.array([1, 1, 1, 0]), _probs_from_scores([0.9, 0.1, 0.2, 0.3]),
+                                   groups=["a", "a", "a", "b"], target_sensitivity=1.0)
+    assert t == pytest.approx(0.4) and achieved["n"] == 2
+    with pytest.raises(ValueError, match="both classes"):
+        choose_threshold(np.zeros(3, int), _probs_from_scores([0.1, 0.2, 0.3]), target_sensitivity=0.9)
+    with pytest.raises(ValueError, match="exactly one"):
+        choose_threshold(labels, probs)
+
+
+def test_threshold_sets_the_predictions_of_metrics_csv_and_text(tmp_path):
+    names = ["benign", "malignant"]
+    point = {"target_sensitivity": 1.0, "chosen_on": "val", "level": "groups",
+             "achieved": {"sensitivity": 1.0, "specificity": 0.4, "n": 9}}
+    files = [f"f{i}.png" for i in range(len(BIN_LABELS))]
+    results = evaluate_and_write(tmp_path, "test", files, BIN_LABELS, _probs_from_scores(BIN_SCORES), names,
+                                 n_boot=50, threshold=0.3, operating_point=point)
+    # p >= 0.3 positive: positives 0.9 0.6 0.3 all found; negatives 0.4 0.7 0.8 false alarms
+    assert results["confusion_matrix"] == [[2, 3], [0, 3]]
+    assert results["metrics"]["recall"]["value"] == 1.0
+    assert results["operating_point"]["threshold"] == 0.3
+    assert results["group_level"]["confusion_matrix"] == [[2, 3], [0, 3]]  # one image per group
+    import csv
+    with open(tmp_path / "predictions.csv", newline="") as f:
+        predicted = [row["predicted"] for row in csv.DictReader(f)]
+    assert predicted == ["malignant"] * 3 + ["benign", "malignant", "benign", "malignant", "malignant"]
+    text = (tmp_path / "results.txt").read_text()
+    assert "operating point: p(malignant) >= 0.3, chosen on val for sensitivity >= 1 over its groups" in text
+    assert "every group holds one image" in text
+    with pytest.raises(ValueError, match="two classes"):
+        evaluate_predictions(MC_LABELS, MC_PROBS, threshold=0.5)
+
+
+def test_group_outputs_state_images_and_groups(tmp_path, monkeypatch):
+    labels, probs, groups = _one_cine_and_single_images()
+    titles = {}
+    real_save = metrics_module._save_png
+    monkeypatch.setattr(metrics_module, "_save_png",
+                        lambda fig, path: (titles.__setitem__(os.path.basename(path), fig.axes[0].get_title()),
+                                           real_save(fig, path)))
+    files = [f"cine.dcm#{i}" for i in range(40)] + groups[40:]
+    evaluate_and_write(tmp_path, "test", files, labels, probs, ["benign", "malignant"], n_boot=50, groups=groups,
+                       group_by="file")
+    loaded = _strict_json_load(tmp_path / "results.json")["test"]
+    assert loaded["n_images"] == 50 and loaded["n_groups"] == 11 and loaded["group_by"] == "file"
+    assert loaded["group_level"]["n"] == 11
+    text = (tmp_path / "results.txt").read_text()
+    assert "== test: n = 50 images in 11 groups (by source file" in text
+    assert "-- per image (n = 50; the CI resamples the 11 groups" in text
+    assert "-- per group (n = 11 cases in 11 groups" in text
+    assert "test: 50 images, 11 groups by file" in titles["roc_curve.png"]
+    assert "50 images" in titles["confusion_matrix.png"]
+    assert "11 cases in 11 groups" in titles["confusion_matrix_groups.png"]
+    rows = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert rows[0].endswith(",group") and rows[1].endswith(",cine.dcm")
+    rows = (tmp_path / "predictions_groups.csv").read_text().splitlines()
+    assert rows[0] == "group,label,n_images,predicted,prob_benign,prob_malignant" and len(rows) == 12
+    assert rows[1].startswith("cine.dcm,malignant,40,malignant,")
+
+
+# ---------------------------------------------------------------------------------------------
 # Writers
 # ---------------------------------------------------------------------------------------------
 
@@ -348,8 +537,10 @@ def test_evaluate_and_write_names_outputs_by_split(tmp_path):
     evaluate_and_write(tmp_path, "val", files, BIN_LABELS, _probs_from_scores(BIN_SCORES), names, n_boot=50)
     assert sorted(os.listdir(tmp_path)) == sorted([
         "results.json", "results.txt",
-        "predictions.csv", "roc_curve.png", "confusion_matrix.png",
-        "predictions_val.csv", "roc_curve_val.png", "confusion_matrix_val.png"])
+        "predictions.csv", "predictions_groups.csv", "roc_curve.png", "confusion_matrix.png",
+        "confusion_matrix_groups.png",
+        "predictions_val.csv", "predictions_groups_val.csv", "roc_curve_val.png", "confusion_matrix_val.png",
+        "confusion_matrix_groups_val.png"])
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):

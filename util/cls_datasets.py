@@ -17,9 +17,14 @@
 
 Samples are ``(image tensor, label, index)``; the index lets distributed evaluation count every
 sample once although ``DistributedSampler`` pads the last batch with repeats.
+
+Groups: every sample belongs to a group of images that are not independent evidence (``GROUP_BY``):
+its source file by default (the frames of one multi-frame DICOM), or a patient / study from the
+DICOM tags, or a ``file,group`` CSV. The evaluation pools and bootstraps by group (util/metrics.py).
 """
 from __future__ import annotations
 
+import csv
 import os
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -31,7 +36,7 @@ from torch.utils.data import Dataset
 
 from util.blur import BlurSpec, blur_key
 from util.datasets import DatasetError, dataset_mean_std, index_items, to_channels, to_unit_tensor
-from util.image_io import UnreadableImageError, is_image_file, read_image, to_grey
+from util.image_io import UnreadableImageError, is_dicom_file, is_image_file, read_image, to_grey
 
 SPLITS = ("train", "val", "test")
 RANDAUGMENT = "rand-m9-mstd0.5-inc1"
@@ -82,6 +87,95 @@ def resolve_class_names(found: Sequence[str], recorded: Optional[Sequence[str]],
     return names
 
 
+# ------------------------------------------------------------------------------ groups
+# What makes images one group (one case) for the per-group metrics and the bootstrap.
+GROUP_BY = ("file", "patient", "study", "csv")
+DICOM_GROUP_TAGS = {"patient": "PatientID", "study": "StudyInstanceUID"}
+
+
+def _normalise_rel(path: str) -> str:
+    """A relative path as written in a groups CSV, in the form the file lists use (``a/b.png``)."""
+    path = path.strip().replace("\\", "/")
+    while path.startswith("./"):
+        path = path[2:]
+    return path
+
+
+def read_groups_csv(path: str) -> Dict[str, str]:
+    """``file -> group`` from a CSV whose header names the columns ``file`` and ``group`` (others are
+    ignored); ``file`` is a path relative to the data folder. Errors name the file and the fix."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
+            rows = list(csv.DictReader(f))
+            columns = rows[0].keys() if rows else []
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DatasetError(f"cannot read the groups file {path}: {err}. Pass a CSV file with the columns "
+                           "file,group.") from err
+    if not rows or not {"file", "group"} <= set(columns):
+        raise DatasetError(f"{path}: a groups file needs a header with the columns file,group and one row per "
+                           f"image file (found columns {sorted(c for c in columns if c)}, {len(rows)} rows)")
+    mapping: Dict[str, str] = {}
+    for line, row in enumerate(rows, start=2):
+        file, group = _normalise_rel(row["file"] or ""), (row["group"] or "").strip()
+        if not file or not group:
+            raise DatasetError(f"{path}, line {line}: empty file or group; every row needs both")
+        if mapping.get(file, group) != group:
+            raise DatasetError(f"{path}, line {line}: {file} is given two groups ({mapping[file]!r} and "
+                               f"{group!r}); keep one row per file")
+        mapping[file] = group
+    return mapping
+
+
+def file_groups(root: str, rels: Sequence[str], group_by: str, mapping: Optional[Dict[str, str]] = None,
+                prefix: str = "", source: str = "--groups") -> List[str]:
+    """The group of each file ``rels`` (paths relative to ``root``).
+
+    ``file``: the file itself (its frames form one group). ``patient`` / ``study``: the DICOM
+    PatientID / StudyInstanceUID. ``csv``: ``mapping`` (``read_groups_csv``), looked up as
+    ``prefix + rel`` (relative to the data folder when ``root`` is one of its splits) or as ``rel``.
+    Files without a group are one error naming them and the fix.
+    """
+    if group_by not in GROUP_BY:
+        raise ValueError(f"group_by must be one of {GROUP_BY}; got {group_by!r}")
+    if group_by == "file":
+        return list(rels)
+    if group_by == "csv":
+        if mapping is None:
+            raise ValueError("group_by 'csv' needs the mapping of read_groups_csv")
+        found = [mapping.get(prefix + rel, mapping.get(rel)) for rel in rels]
+        missing = [rel for rel, group in zip(rels, found) if group is None]
+        if missing:
+            raise DatasetError(f"{source}: no group for {len(missing)} file(s) of {root}, e.g. "
+                               f"{', '.join(prefix + m for m in missing[:5])}. Add a row file,group for each "
+                               f"(the file relative to the data folder, e.g. {prefix + missing[0]}).")
+        return found
+    tag = DICOM_GROUP_TAGS[group_by]
+    groups = [_dicom_tag(os.path.join(root, rel), tag) for rel in rels]
+    missing = [rel for rel, group in zip(rels, groups) if not group]
+    if missing:
+        raise DatasetError(f"--group_by {group_by}: {len(missing)} file(s) of {root} have no DICOM {tag}, e.g. "
+                           f"{', '.join(missing[:5])} (not DICOM, or the tag is empty or removed by "
+                           f"anonymisation). Give their groups in a CSV file with the columns file,group "
+                           f"(--groups FILE), or group by --group_by file.")
+    return groups
+
+
+def _dicom_tag(path: str, keyword: str) -> Optional[str]:
+    """The tag's text, None for a file that is not DICOM or lacks the tag. A DICOM file that cannot
+    be parsed counts as its own group: it is reported (or stops the run) when its pixels are read."""
+    if not is_dicom_file(path):
+        return None
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        value = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[keyword]).get(keyword)
+    except (OSError, ValueError, InvalidDicomError):
+        return f"unreadable:{path}"
+    value = str(value).strip() if value is not None else ""
+    return value or None
+
+
 # ------------------------------------------------------------------------------ pixels
 def to_uint8(img: np.ndarray) -> np.ndarray:
     """uint16 -> uint8 with rounding (65535 -> 255); uint8 unchanged."""
@@ -122,6 +216,7 @@ class ClassificationDataset(Dataset):
         self.class_names = list(class_names)
         self.transform, self.blur, self.in_chans, self.strict = transform, blur, in_chans, strict
         self.samples = self._index()
+        self.groups = [s[0] for s in self.samples]  # by file until assign_groups says otherwise
         if not self.samples:
             raise DatasetError(f"no images found in {self.split_root}/<class>/. Expected image files (PNG, "
                                "JPEG, TIFF, BMP, DICOM, ...) in one sub-folder per class; check --data_path.")
@@ -160,6 +255,18 @@ class ClassificationDataset(Dataset):
         """How predictions.csv names a sample: its path below the split, ``#frame`` for cine frames."""
         rel, frame, frames, _ = self.samples[index]
         return f"{rel}#{frame}" if frames > 1 else rel
+
+    def assign_groups(self, group_by: str = "file", mapping: Optional[Dict[str, str]] = None,
+                      source: str = "--groups") -> None:
+        """Set the group of every sample (``file_groups``; a CSV ``mapping`` is keyed relative to the
+        data folder, ``split/class/file``)."""
+        files = sorted({s[0] for s in self.samples})
+        by_file = dict(zip(files, file_groups(self.split_root, files, group_by, mapping, f"{self.split}/", source)))
+        self.groups = [by_file[s[0]] for s in self.samples]
+
+    def sample_group(self, index: int) -> str:
+        """How predictions.csv names a sample's group."""
+        return self.groups[index]
 
     def class_counts(self) -> Dict[str, int]:
         counts = np.bincount(self.labels, minlength=len(self.class_names))

@@ -3,7 +3,12 @@
 Conventions used everywhere in this module
 - ``labels``: N integer class ids in ``[0, C)``; ``probs``: N x C softmax probabilities. Torch tensors
   (any device / dtype) and numpy arrays are both accepted.
-- The prediction is ``argmax(probs)``.
+- The prediction is ``argmax(probs)``, or for two classes with an operating ``threshold``: the positive
+  class where ``probs[:, pos_class] >= threshold`` (``predicted_classes``).
+- Groups: images that are not independent (the frames of one cine file, the images of one patient)
+  form a group. ``evaluate_predictions`` reports per-image metrics whose bootstrap resamples whole
+  groups, and per-group metrics on each group's mean probability (``group_scores``), also
+  bootstrapped over groups.
 - Two classes: precision, recall (= sensitivity), specificity and F1 are those of ``pos_class`` and
   AUROC uses ``probs[:, pos_class]`` (not a sigmoid of one logit, which the published code used).
   More classes: one-vs-rest per class, then the unweighted (macro) mean; AUROC is sklearn's
@@ -11,6 +16,10 @@ Conventions used everywhere in this module
 - A metric that is undefined on the data (e.g. AUROC when only one class is present, precision when a
   class is never predicted) is NaN and explained in ``notes``; nothing raises. Macro averages skip
   undefined classes, as scikit-learn does with ``zero_division=np.nan``.
+- Scores that cannot support the numbers are flagged in ``warnings`` (``score_warnings``): AUROC is a
+  ranking statistic, and a classifier that has not learnt (e.g. a run shorter than its learning-rate
+  warm-up) gives every image p = 0.5 up to rounding; the rounding noise may still rank the images
+  perfectly and print "AUROC 1.000". Exact ties count 1/2 (AUROC 0.5 when every score is equal).
 
 Point estimates come from scikit-learn. The bootstrap recomputes the same metrics from per-resample
 confusion matrices and a weighted Mann-Whitney AUROC in numpy, because calling scikit-learn 1000 times
@@ -18,6 +27,7 @@ per metric takes tens of seconds; tests check both paths agree.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -25,6 +35,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.exceptions import UndefinedMetricWarning
@@ -54,6 +65,15 @@ DISPLAY_NAMES = {
     "f1": "F1",
     "auroc": "AUROC",
 }
+
+# Degenerate scores (see score_warnings). A positive-class probability that varies by less than this over
+# the whole split is no classifier, whatever it ranks: 1e-3 is far below the probability differences a
+# trained model makes between classes, and far above float32 softmax rounding (~1e-7). (bf16 logits are
+# quantised more coarsely, to a few distinct probabilities; the tied-pair check below catches that.)
+TIED_SCORE_RANGE = 1e-3
+# Share of (positive, negative) pairs whose scores are exactly equal above which AUROC is flagged: each
+# such pair counts 1/2, so AUROC then says little about the ranking.
+TIED_PAIR_SHARE = 0.10
 
 # Rows of probabilities must sum to 1 up to rounding: bf16 softmax outputs are off by up to ~1e-2, TTA
 # averages stay at 1. Anything further off is almost certainly logits passed by mistake.
@@ -137,18 +157,20 @@ def _nanmean(x: np.ndarray, axis=None):
 # Point estimates (scikit-learn)
 # ----------------------------------------------------------------------------------------------
 
-def classification_metrics(labels, probs, pos_class: int = 1,
-                           class_names: Sequence[str] | None = None) -> dict:
-    """Point estimates of all METRIC_NAMES plus confusion matrix, support, n and notes.
+def classification_metrics(labels, probs, pos_class: int = 1, class_names: Sequence[str] | None = None,
+                           threshold: float | None = None, unit: str = "images") -> dict:
+    """Point estimates of all METRIC_NAMES plus confusion matrix, support, n, notes and warnings.
 
     Returns ``{"accuracy": float, ..., "auroc": float, "confusion_matrix": [[int]] (rows = true,
-    columns = predicted), "support": [int] per class, "n": int, "notes": [str]}``. ``pos_class`` only
-    matters for two classes. NaN marks an undefined metric; ``notes`` says why.
+    columns = predicted), "support": [int] per class, "n": int, "notes": [str], "warnings": [str]}``.
+    ``pos_class`` only matters for two classes. NaN marks an undefined metric; ``notes`` says why.
+    ``warnings`` flags degenerate scores (``score_warnings``; ``unit`` names what is counted in them).
+    ``threshold``: see ``predicted_classes``.
     """
     labels, probs = _check_inputs(labels, probs, pos_class)
     n, c = probs.shape
     names = _default_class_names(c, class_names)
-    preds = probs.argmax(axis=1)
+    preds = predicted_classes(probs, pos_class, threshold)
     class_ids = np.arange(c)
 
     # Undefined cases are reported through notes, so scikit-learn's warnings would only be noise.
@@ -179,7 +201,21 @@ def classification_metrics(labels, probs, pos_class: int = 1,
     result["support"] = np.bincount(labels, minlength=c).tolist()
     result["n"] = int(n)
     result["notes"] = notes
+    result["warnings"] = score_warnings(labels, probs, preds, pos_class, names, unit)
     return result
+
+
+def predicted_classes(probs, pos_class: int = 1, threshold: float | None = None) -> np.ndarray:
+    """The predicted class of each row: ``argmax``, or with a ``threshold`` (two classes only) the
+    positive class where its probability is >= threshold and the other class elsewhere."""
+    probs = _to_numpy(probs)
+    if threshold is None:
+        return probs.argmax(axis=1)
+    if probs.shape[1] != 2:
+        raise ValueError(f"an operating threshold needs two classes; got {probs.shape[1]}")
+    if not 0 <= threshold <= 1 + 1e-9:  # a threshold above every score (1 + ulp) predicts no positive
+        raise ValueError(f"threshold must be a probability in [0, 1]; got {threshold}")
+    return np.where(probs[:, pos_class] >= threshold, pos_class, 1 - pos_class)
 
 
 def _per_class_specificity(labels: np.ndarray, preds: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
@@ -229,18 +265,81 @@ def _auroc(labels: np.ndarray, probs: np.ndarray, pos_class: int, names: list[st
     return float(np.mean([roc_auc_score(labels == k, probs[:, k]) for k in range(c)])), None
 
 
+def _score_columns(c: int, pos_class: int) -> list[int]:
+    """The probability columns AUROC ranks: the positive class's for two classes, every class's
+    (one-vs-rest) otherwise."""
+    return [pos_class] if c == 2 else list(range(c))
+
+
+def score_warnings(labels: np.ndarray, probs: np.ndarray, preds: np.ndarray, pos_class: int,
+                   names: Sequence[str], unit: str = "images") -> list[str]:
+    """Warnings for scores that make the metrics meaningless although they are computable.
+
+    Degenerate means, for the probability column that AUROC ranks (each class's for more classes):
+    - every score equal: AUROC is 0.5 by definition (ties count 1/2) and ranks nothing;
+    - scores spanning less than ``TIED_SCORE_RANGE`` (1e-3): near-ties, which may still rank perfectly
+      (AUROC 1.0 from rounding noise) but are not a classifier;
+    - more than ``TIED_PAIR_SHARE`` (10 %) of the (positive, negative) pairs exactly tied, i.e. far
+      fewer distinct scores than ``unit``: AUROC is largely made of 1/2 counts.
+    Besides: every ``unit`` predicted as one class (the threshold metrics describe a constant).
+    """
+    found = []
+    for k in _score_columns(probs.shape[1], pos_class):
+        scores, is_pos = probs[:, k], labels == k
+        what = f"p({names[k]})"
+        low, high = float(scores.min()), float(scores.max())
+        if high == low:
+            found.append(f"degenerate scores: every one of the {len(scores)} {unit} has the same {what} = "
+                             f"{low:.6g}, so the scores rank nothing; AUROC is 0.5 by definition (ties count 1/2). "
+                             "The classifier has not learnt (e.g. a run shorter than its learning-rate warm-up).")
+            continue
+        if high - low < TIED_SCORE_RANGE:
+            found.append(f"degenerate scores: {what} spans only {high - low:.2g} ({low:.6g} to {high:.6g}) over "
+                             f"the {len(scores)} {unit}, below the {TIED_SCORE_RANGE:g} tolerance. The classifier "
+                             "barely responds to its input (e.g. a run shorter than its learning-rate warm-up); "
+                             "AUROC and its CI rank differences this small and do not describe a usable model.")
+            continue
+        tied = _tied_pair_share(is_pos, scores)
+        if tied > TIED_PAIR_SHARE:
+            found.append(f"degenerate scores: {100 * tied:.0f}% of the ({names[k]}, other) pairs have equal {what} "
+                             f"({len(np.unique(scores))} distinct values among {len(scores)} {unit}); each tie "
+                             "counts 1/2 in AUROC, so it says little about the ranking.")
+    predicted = np.unique(preds)
+    if len(predicted) == 1 and len(np.unique(labels)) > 1:
+        found.append(f"every one of the {len(preds)} {unit} is predicted '{names[int(predicted[0])]}': "
+                         "accuracy, sensitivity, specificity and F1 describe that constant answer.")
+    return found
+
+
+def _tied_pair_share(is_pos: np.ndarray, scores: np.ndarray) -> float:
+    """Share of (positive, negative) pairs with exactly equal scores; 0 when a side is empty."""
+    n_pos, n_neg = int(is_pos.sum()), int((~is_pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return 0.0
+    values, inverse = np.unique(scores, return_inverse=True)
+    pos_per_value = np.bincount(inverse, weights=is_pos, minlength=len(values))
+    neg_per_value = np.bincount(inverse, weights=~is_pos, minlength=len(values))
+    return float((pos_per_value * neg_per_value).sum() / (n_pos * n_neg))
+
+
 # ----------------------------------------------------------------------------------------------
 # Bootstrap (vectorised numpy; a resample is a row of per-sample multiplicities)
 # ----------------------------------------------------------------------------------------------
 
 def bootstrap_distributions(labels, probs, metric_names: Sequence[str] = METRIC_NAMES, n_boot: int = 1000,
-                            seed: int = 0, pos_class: int = 1) -> dict[str, np.ndarray]:
+                            seed: int = 0, pos_class: int = 1, clusters=None,
+                            threshold: float | None = None) -> dict[str, np.ndarray]:
     """Metric values on ``n_boot`` resamples (with replacement) of the samples.
 
+    ``clusters``: optional cluster index (0 .. G-1) of each sample, e.g. its patient or cine file. A
+    resample then draws G clusters with replacement and takes every sample of each drawn cluster: a
+    cluster is never split, so correlated samples do not pass for independent evidence. Without it,
+    each sample is its own cluster (the same draws as clusters ``0 .. N-1``).
     Returns ``{name: array of shape (n_boot,)}`` with NaN where the metric is undefined on a resample.
     Deterministic for a given seed and data.
     """
     labels, probs = _check_inputs(labels, probs, pos_class)
+    clusters = _check_clusters(clusters, len(labels))
     unknown = [m for m in metric_names if m not in METRIC_NAMES]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRIC_NAMES)}")
@@ -253,20 +352,21 @@ def bootstrap_distributions(labels, probs, metric_names: Sequence[str] = METRIC_
     parts = {m: [] for m in metric_names}
     for start in range(0, n_boot, chunk):
         b = min(chunk, n_boot - start)
-        weights = _resample_weights(rng, b, n)
-        for name, values in _batched_metrics(labels, probs, weights, metric_names, pos_class).items():
+        weights = _resample_weights(rng, b, clusters)
+        for name, values in _batched_metrics(labels, probs, weights, metric_names, pos_class, threshold).items():
             parts[name].append(values)
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
 def bootstrap_ci(labels, probs, metric_names: Sequence[str] = METRIC_NAMES, n_boot: int = 1000,
-                 alpha: float = 0.05, seed: int = 0, pos_class: int = 1) -> dict[str, tuple[float, float]]:
+                 alpha: float = 0.05, seed: int = 0, pos_class: int = 1, clusters=None,
+                 threshold: float | None = None) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap ``(1 - alpha)`` confidence interval per metric: ``{name: (low, high)}``.
 
     Resamples on which a metric is undefined are dropped for that metric (``bootstrap_distributions``
     exposes how many); ``(nan, nan)`` if none is left.
     """
-    samples = bootstrap_distributions(labels, probs, metric_names, n_boot, seed, pos_class)
+    samples = bootstrap_distributions(labels, probs, metric_names, n_boot, seed, pos_class, clusters, threshold)
     return {name: _percentile_interval(values, alpha) for name, values in samples.items()}
 
 
@@ -280,18 +380,34 @@ def _percentile_interval(values: np.ndarray, alpha: float) -> tuple[float, float
     return float(low), float(high)
 
 
-def _resample_weights(rng: np.random.Generator, b: int, n: int) -> np.ndarray:
-    """(b, n) multiplicities of each sample in b resamples of size n drawn with replacement."""
-    draws = rng.integers(0, n, size=(b, n)) + np.arange(b)[:, None] * n
-    return np.bincount(draws.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
+def _check_clusters(clusters, n: int) -> np.ndarray:
+    """Cluster index per sample as int64 0 .. G-1 (each sample its own cluster when None)."""
+    if clusters is None:
+        return np.arange(n)
+    clusters = _to_numpy(clusters).reshape(-1)
+    if clusters.shape != (n,):
+        raise ValueError(f"clusters must give one cluster per sample ({n}); got {clusters.shape[0]}")
+    _, clusters = np.unique(clusters, return_inverse=True)  # any ids -> 0 .. G-1
+    return clusters.astype(np.int64)
+
+
+def _resample_weights(rng: np.random.Generator, b: int, clusters: np.ndarray) -> np.ndarray:
+    """(b, N) multiplicities of each sample in b resamples that draw the G clusters (``clusters``: the
+    cluster index 0 .. G-1 of each of the N samples) G times with replacement. Every sample of a
+    cluster gets that cluster's multiplicity."""
+    g = int(clusters.max()) + 1
+    draws = rng.integers(0, g, size=(b, g)) + np.arange(b)[:, None] * g
+    per_cluster = np.bincount(draws.ravel(), minlength=b * g).reshape(b, g).astype(np.float64)
+    return per_cluster[:, clusters]
 
 
 def _batched_metrics(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray,
-                     metric_names: Sequence[str], pos_class: int) -> dict[str, np.ndarray]:
+                     metric_names: Sequence[str], pos_class: int,
+                     threshold: float | None = None) -> dict[str, np.ndarray]:
     """Metrics for each row of ``weights`` (sample multiplicities); same definitions as
     ``classification_metrics``, NaN where undefined."""
     c = probs.shape[1]
-    preds = probs.argmax(axis=1)
+    preds = predicted_classes(probs, pos_class, threshold)
     # Confusion matrices of all resamples at once: weights (b, N) @ one-hot of the (true, pred) cell.
     cell = np.zeros((len(labels), c * c))
     cell[np.arange(len(labels)), labels * c + preds] = 1.0
@@ -358,23 +474,90 @@ def _weighted_binary_auroc(is_pos: np.ndarray, scores: np.ndarray, weights: np.n
 # One-call evaluation
 # ----------------------------------------------------------------------------------------------
 
-def evaluate_predictions(labels, probs, class_names: Sequence[str] | None = None, pos_class: int = 1,
-                         n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict:
-    """Point estimates with bootstrap CIs, in the structure ``write_results`` writes::
+@dataclass(frozen=True)
+class GroupedScores:
+    """Images pooled into groups (``group_scores``).
 
-        {"n": int, "class_names": [str], "pos_class": int | None (None for > 2 classes),
-         "averaging": "binary" | "macro",
-         "metrics": {name: {"value", "ci_low", "ci_high", "n_boot_valid"}},
-         "confusion_matrix": [[int]], "support": [int], "notes": [str],
-         "bootstrap": {"n_boot", "alpha", "seed", "method": "percentile"}}
-
-    ``n_boot=0`` skips the bootstrap (CIs NaN), e.g. for per-epoch validation.
+    A *case* is one (group, true class) pair: a group normally holds images of one class (a file sits
+    in one class folder), but a patient may have a benign and a malignant nodule; such a group gives
+    one case per class. Its score is the mean of its images' probabilities (rows still sum to 1), so it
+    stays on the scale of the per-image probabilities and a threshold means the same at both levels.
     """
-    point = classification_metrics(labels, probs, pos_class, class_names)
-    c = len(point["support"])
-    names = _default_class_names(c, class_names)
+    names: list[str]          # (G,) group names, sorted
+    image_group: np.ndarray   # (N,) group index of each image
+    labels: np.ndarray        # (U,) true class of each case
+    probs: np.ndarray         # (U, C) mean probabilities of each case's images
+    case_group: np.ndarray    # (U,) group index of each case
+    n_images: np.ndarray      # (U,) images per case
+
+    @property
+    def mixed_groups(self) -> int:
+        """Groups that hold images of more than one class."""
+        return int(np.sum(np.bincount(self.case_group, minlength=len(self.names)) > 1))
+
+
+def group_scores(labels, probs, groups: Sequence) -> GroupedScores:
+    """Pool the images (``labels``, ``probs``) by ``groups`` (one group name per image)."""
+    labels, probs = _check_inputs(labels, probs, pos_class=0)
+    groups = np.asarray(groups)
+    if groups.dtype.kind not in "iu":  # integer ids keep their numeric order; anything else as text
+        groups = groups.astype(str)
+    if groups.shape != labels.shape:
+        raise ValueError(f"{len(groups)} group names for {len(labels)} images")
+    names, image_group = np.unique(groups, return_inverse=True)
+    names = [str(name) for name in names]
+    c = probs.shape[1]
+    keys, image_case = np.unique(image_group * c + labels, return_inverse=True)
+    n_images = np.bincount(image_case, minlength=len(keys))
+    case_probs = np.zeros((len(keys), c))
+    np.add.at(case_probs, image_case, probs)
+    return GroupedScores(names=names, image_group=image_group, labels=keys % c,
+                         probs=case_probs / n_images[:, None], case_group=keys // c, n_images=n_images)
+
+
+def choose_threshold(labels, probs, pos_class: int = 1, *, groups: Sequence | None = None,
+                     target_sensitivity: float | None = None,
+                     target_specificity: float | None = None) -> tuple[float, dict]:
+    """Operating threshold on ``probs[:, pos_class]`` that reaches a target on these (validation) data.
+
+    ``target_sensitivity S``: the highest threshold whose sensitivity is >= S (so the best specificity
+    among those reaching S); ``target_specificity S``: the lowest threshold whose specificity is >= S
+    (the best sensitivity among those). With ``groups`` the cases of ``group_scores`` are used (a
+    patient, not each of its frames, is one case). The threshold is one of the scores (ties included:
+    ``p >= threshold`` is positive), or just above the highest one when only "no positive" reaches
+    the target. Returns ``(threshold, {"sensitivity", "specificity", "n"})`` achieved on these data.
+    """
+    if (target_sensitivity is None) == (target_specificity is None):
+        raise ValueError("give exactly one of target_sensitivity and target_specificity")
+    target = target_sensitivity if target_specificity is None else target_specificity
+    if not 0 < target <= 1:
+        raise ValueError(f"a target sensitivity/specificity must be in (0, 1]; got {target}")
+    labels, probs = _check_inputs(labels, probs, pos_class)
+    if probs.shape[1] != 2:
+        raise ValueError(f"an operating threshold needs two classes; got {probs.shape[1]}")
+    if groups is not None:
+        grouped = group_scores(labels, probs, groups)
+        labels, probs = grouped.labels, grouped.probs
+    is_pos, scores = labels == pos_class, probs[:, pos_class]
+    if is_pos.all() or not is_pos.any():
+        raise ValueError("choosing a threshold for a target sensitivity or specificity needs both classes "
+                         "in the data it is chosen on")
+    fpr, tpr, thresholds = roc_curve(is_pos, scores, drop_intermediate=False)  # thresholds descending
+    tolerance = 1e-12  # 9/10 must count as reaching 0.9
+    if target_sensitivity is not None:
+        i = int(np.flatnonzero(tpr >= target - tolerance)[0])
+    else:
+        i = int(np.flatnonzero(1 - fpr >= target - tolerance)[-1])
+    threshold = float(thresholds[i]) if np.isfinite(thresholds[i]) else float(np.nextafter(scores.max(), np.inf))
+    return threshold, {"sensitivity": float(tpr[i]), "specificity": float(1 - fpr[i]), "n": int(len(labels))}
+
+
+def _level_results(labels, probs, clusters, names, pos_class, n_boot, alpha, seed, threshold, unit) -> dict:
+    """Point estimates, bootstrap CIs (resampling ``clusters``), confusion matrix, notes and warnings
+    of one level (images or group cases)."""
+    point = classification_metrics(labels, probs, pos_class, names, threshold, unit)
     if n_boot > 0:
-        samples = bootstrap_distributions(labels, probs, METRIC_NAMES, n_boot, seed, pos_class)
+        samples = bootstrap_distributions(labels, probs, METRIC_NAMES, n_boot, seed, pos_class, clusters, threshold)
     else:
         samples = {name: np.empty(0) for name in METRIC_NAMES}
     metrics = {}
@@ -387,16 +570,84 @@ def evaluate_predictions(labels, probs, class_names: Sequence[str] | None = None
     if dropped:
         notes.append("bootstrap resamples dropped where the metric was undefined: "
                      + ", ".join(f"{name} {count}/{n_boot}" for name, count in dropped.items()))
+    return {"n": point["n"], "metrics": metrics, "confusion_matrix": point["confusion_matrix"],
+            "support": point["support"], "notes": notes, "warnings": point["warnings"]}
+
+
+# How results name the group_by choices of main_finetune.py (any other string is shown as it is).
+GROUP_BY_DESCRIPTIONS = {
+    "image": "each image its own group",
+    "file": "by source file",
+    "patient": "by DICOM PatientID",
+    "study": "by DICOM StudyInstanceUID",
+    "csv": "by the --groups file",
+}
+
+
+def evaluate_predictions(labels, probs, class_names: Sequence[str] | None = None, pos_class: int = 1,
+                         n_boot: int = 1000, alpha: float = 0.05, seed: int = 0, *,
+                         groups: Sequence | None = None, group_by: str = "image",
+                         threshold: float | None = None, operating_point: dict | None = None) -> dict:
+    """Per-image and per-group point estimates with bootstrap CIs, in the structure ``write_results``
+    writes::
+
+        {"n": int (images), "n_images": int, "n_groups": int, "group_by": str,
+         "class_names": [str], "pos_class": int | None (None for > 2 classes),
+         "averaging": "binary" | "macro",
+         "operating_point": {"threshold": float | None (None: argmax), "rule": str, ...},
+         "metrics": {name: {"value", "ci_low", "ci_high", "n_boot_valid"}},
+         "confusion_matrix": [[int]], "support": [int], "notes": [str], "warnings": [str],
+         "bootstrap": {"n_boot", "alpha", "seed", "method": "percentile", "resamples": "groups",
+                       "n_groups": int},
+         "group_level": {"n": cases, "n_groups", "aggregation", "metrics", "confusion_matrix",
+                         "support", "notes", "warnings"}}
+
+    ``groups`` names the group of each image (None: each image alone). Per-image metrics count images;
+    their CI resamples whole groups. Per-group metrics score each case of ``group_scores`` (a group,
+    or a group's images of one class) by its mean probability; their CI resamples groups too.
+    ``threshold`` (two classes): the operating point of the threshold metrics at both levels;
+    ``operating_point`` describes how it was chosen (recorded as given). ``n_boot=0`` skips the
+    bootstrap (CIs NaN), e.g. for per-epoch validation.
+    """
+    labels, probs = _check_inputs(labels, probs, pos_class)
+    c = probs.shape[1]
+    names = _default_class_names(c, class_names)
+    if groups is None:
+        groups, group_by = np.arange(len(labels)), "image"
+    grouped = group_scores(labels, probs, groups)
+    n_groups = len(grouped.names)
+    level_args = (pos_class, n_boot, alpha, seed, threshold)
+    per_image = _level_results(labels, probs, grouped.image_group, names, *level_args, "images")
+    if len(grouped.labels) == len(labels):  # one image per group: the same numbers, without a second bootstrap
+        per_group = copy.deepcopy(per_image)
+    else:
+        per_group = _level_results(grouped.labels, grouped.probs, grouped.case_group, names, *level_args, "groups")
+    if grouped.mixed_groups:
+        per_group["notes"].append(f"{grouped.mixed_groups} group(s) hold images of more than one class; each "
+                                  f"class of such a group is scored as its own case ({per_group['n']} cases "
+                                  f"in {n_groups} groups)")
+    if threshold is None:
+        point = {"threshold": None, "rule": "argmax"}
+    else:
+        point = {"threshold": float(threshold), "rule": "fixed", **(operating_point or {})}
     return {
-        "n": point["n"],
+        "n": per_image["n"],
+        "n_images": per_image["n"],
+        "n_groups": n_groups,
+        "group_by": group_by,
         "class_names": names,
         "pos_class": pos_class if c == 2 else None,
         "averaging": "binary" if c == 2 else "macro",
-        "metrics": metrics,
-        "confusion_matrix": point["confusion_matrix"],
-        "support": point["support"],
-        "notes": notes,
-        "bootstrap": {"n_boot": n_boot, "alpha": alpha, "seed": seed, "method": "percentile"},
+        "operating_point": point,
+        "metrics": per_image["metrics"],
+        "confusion_matrix": per_image["confusion_matrix"],
+        "support": per_image["support"],
+        "notes": per_image["notes"],
+        "warnings": per_image["warnings"],
+        "bootstrap": {"n_boot": n_boot, "alpha": alpha, "seed": seed, "method": "percentile",
+                      "resamples": "groups", "n_groups": n_groups},
+        "group_level": {**per_group, "n_groups": n_groups,
+                        "aggregation": "mean probability of the group's images of each class"},
     }
 
 
@@ -552,40 +803,103 @@ def _fmt(value) -> str:
 
 
 def format_results_table(results: dict, split_name: str) -> str:
-    """Readable text: header, one row per metric with its CI, confusion matrix, notes."""
+    """Readable text: header, operating point, warnings, then per image and per group: one row per
+    metric with its CI, the confusion matrix and the notes."""
     names = results["class_names"]
-    level = 100 * (1 - results["bootstrap"]["alpha"])
     pos = results.get("pos_class")
     averaging = (f"binary, positive class '{names[pos]}'" if pos is not None
                  else "macro average over classes (one-vs-rest)")
-    lines = [f"== {split_name}: n = {results['n']}, classes {', '.join(names)}; {averaging}",
-             f"{'metric':<22}{'value':>8}   {level:g}% CI (bootstrap, {results['bootstrap']['n_boot']} resamples)"]
-    for name, m in results["metrics"].items():
-        ci = f"[{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]"
-        lines.append(f"{DISPLAY_NAMES.get(name, name):<22}{_fmt(m['value']):>8}   {ci}")
-    widest_count = max(len(str(v)) for v in results["support"])  # a row total bounds every cell
-    width = max(*(len(n) for n in names), len("support"), widest_count) + 2
-    lines.append("confusion matrix (rows = true class, columns = predicted class):")
-    lines.append(" " * width + "".join(f"{n:>{width}}" for n in names) + f"{'support':>{width}}")
-    for name, row, support in zip(names, results["confusion_matrix"], results["support"]):
-        lines.append(f"{name:<{width}}" + "".join(f"{v:>{width}}" for v in row) + f"{support:>{width}}")
-    lines += [f"note: {note}" for note in results.get("notes", [])]
+    n_groups = results.get("n_groups", results["n"])
+    group_by = results.get("group_by", "image")
+    lines = [f"== {split_name}: n = {results['n']} images in {n_groups} groups "
+             f"({GROUP_BY_DESCRIPTIONS.get(group_by, group_by)}); classes {', '.join(names)}; {averaging}"]
+    if pos is not None:
+        lines.append(f"operating point: {describe_operating_point(results.get('operating_point'), names[pos])}")
+    lines += [f"WARNING: {warning}" for warning in results.get("warnings", [])]
+    lines.append(f"-- per image (n = {results['n']}; the CI resamples the {n_groups} groups, not the images)")
+    lines += _level_table(results, results)
+    grouped = results.get("group_level")
+    if grouped is not None and grouped["n"] == results["n"]:
+        lines.append("-- per group: every group holds one image, so the per-group results equal the per-image ones")
+    elif grouped is not None:
+        lines.append(f"-- per group (n = {grouped['n']} cases in {n_groups} groups, each scored by the "
+                     f"{grouped['aggregation']}; the CI resamples the groups)")
+        lines += [f"WARNING (per group): {warning}" for warning in grouped.get("warnings", [])]
+        lines += _level_table(grouped, results)
     return "\n".join(lines) + "\n"
 
 
+def describe_operating_point(point: dict | None, positive: str) -> str:
+    """One line: how the predicted class of the threshold metrics is decided."""
+    if not point or point.get("threshold") is None:
+        return f"argmax of the probabilities (p({positive}) against 0.5; an exact tie goes to the first class)"
+    text = f"p({positive}) >= {point['threshold']:.6g}"
+    target = point.get("target_sensitivity", point.get("target_specificity"))
+    if target is None:
+        return text + " (--threshold)"
+    aim = "sensitivity" if "target_sensitivity" in point else "specificity"
+    achieved = point.get("achieved", {})
+    return (text + f", chosen on {point.get('chosen_on', 'val')} for {aim} >= {target:g} over its "
+            f"{point.get('level', 'groups')} (there: sensitivity {_fmt(achieved.get('sensitivity'))}, "
+            f"specificity {_fmt(achieved.get('specificity'))}, n = {achieved.get('n', '?')})")
+
+
+def _level_table(level: dict, results: dict) -> list[str]:
+    """Metric rows with CIs, confusion matrix and notes of one level (per image or per group)."""
+    names = results["class_names"]
+    ci_level = 100 * (1 - results["bootstrap"]["alpha"])
+    lines = [f"{'metric':<22}{'value':>8}   {ci_level:g}% CI (bootstrap, {results['bootstrap']['n_boot']} resamples)"]
+    degenerate = any(w.startswith("degenerate scores") for w in level.get("warnings", []))
+    for name, m in level["metrics"].items():
+        ci = f"[{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]"
+        flag = "   (degenerate scores: see WARNING)" if degenerate and name == "auroc" else ""
+        lines.append(f"{DISPLAY_NAMES.get(name, name):<22}{_fmt(m['value']):>8}   {ci}{flag}")
+    widest_count = max(len(str(v)) for v in level["support"])  # a row total bounds every cell
+    width = max(*(len(n) for n in names), len("support"), widest_count) + 2
+    lines.append("confusion matrix (rows = true class, columns = predicted class):")
+    lines.append(" " * width + "".join(f"{n:>{width}}" for n in names) + f"{'support':>{width}}")
+    for name, row, support in zip(names, level["confusion_matrix"], level["support"]):
+        lines.append(f"{name:<{width}}" + "".join(f"{v:>{width}}" for v in row) + f"{support:>{width}}")
+    lines += [f"note: {note}" for note in level.get("notes", [])]
+    return lines
+
+
 def write_predictions_csv(path: str | os.PathLike, files: Sequence[str], labels, probs,
-                          class_names: Sequence[str] | None = None) -> None:
-    """One row per sample: file, label, predicted (class names), prob_<class> for every class."""
-    labels, probs = _check_inputs(labels, probs, pos_class=0)
+                          class_names: Sequence[str] | None = None, *, groups: Sequence | None = None,
+                          pos_class: int = 1, threshold: float | None = None) -> None:
+    """One row per sample: file, label, predicted (class names; at ``threshold`` if given),
+    prob_<class> for every class, and the sample's group when ``groups`` is given."""
+    labels, probs = _check_inputs(labels, probs, pos_class=pos_class)
     names = _default_class_names(probs.shape[1], class_names)
     if len(files) != len(labels):
         raise ValueError(f"{len(files)} file names for {len(labels)} predictions")
+    if groups is not None and len(groups) != len(labels):
+        raise ValueError(f"{len(groups)} group names for {len(labels)} predictions")
+    preds = predicted_classes(probs, pos_class, threshold)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["file", "label", "predicted"] + [f"prob_{n}" for n in names])
-    for file, label, row in zip(files, labels, probs):
+    group_column = ["group"] if groups is not None else []
+    writer.writerow(["file", "label", "predicted"] + [f"prob_{n}" for n in names] + group_column)
+    for i, (file, label, row) in enumerate(zip(files, labels, probs)):
         # repr(float) is the shortest text that round-trips exactly, so metrics recomputed from the CSV match.
-        writer.writerow([os.fspath(file), names[label], names[int(row.argmax())]] + [repr(float(p)) for p in row])
+        group = [str(groups[i])] if groups is not None else []
+        writer.writerow([os.fspath(file), names[label], names[int(preds[i])]] + [repr(float(p)) for p in row] + group)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def write_group_predictions_csv(path: str | os.PathLike, grouped: GroupedScores,
+                                class_names: Sequence[str] | None = None, *, pos_class: int = 1,
+                                threshold: float | None = None) -> None:
+    """One row per group case (``group_scores``): group, label, n_images, predicted, mean prob_<class>."""
+    names = _default_class_names(grouped.probs.shape[1], class_names)
+    preds = predicted_classes(grouped.probs, pos_class, threshold)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["group", "label", "n_images", "predicted"] + [f"prob_{n}" for n in names])
+    for group, label, count, pred, row in zip(grouped.case_group, grouped.labels, grouped.n_images, preds,
+                                              grouped.probs):
+        writer.writerow([grouped.names[group], names[label], int(count), names[int(pred)]]
+                        + [repr(float(p)) for p in row])
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -606,34 +920,56 @@ def _save_png(fig, path: str | os.PathLike) -> None:
 
 
 def plot_roc(path: str | os.PathLike, labels, probs, pos_class: int = 1,
-             class_names: Sequence[str] | None = None) -> None:
-    """ROC curve PNG: of ``pos_class`` for two classes, one-vs-rest per class otherwise."""
+             class_names: Sequence[str] | None = None, *, split_name: str | None = None,
+             grouped: GroupedScores | None = None, group_by: str | None = None) -> None:
+    """ROC curve PNG: of ``pos_class`` for two classes, one-vs-rest per class otherwise.
+
+    With ``grouped`` (of several images per group) the per-group curves are drawn dashed beside the
+    per-image ones; the title names the split, the number of images and of groups.
+    """
     labels, probs = _check_inputs(labels, probs, pos_class)
     c = probs.shape[1]
     names = _default_class_names(c, class_names)
+    levels = [("images", labels, probs, "-")]
+    if grouped is not None and len(grouped.labels) < len(labels):
+        levels.append(("groups", grouped.labels, grouped.probs, "--"))
     fig = _new_figure()
     ax = fig.add_subplot()
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1, label="chance")
     curves = [pos_class] if c == 2 else range(c)
-    undefined = []
-    for k in curves:
-        is_pos = labels == k
-        if is_pos.all() or not is_pos.any():
-            undefined.append(names[k])
-            continue
-        fpr, tpr, _ = roc_curve(is_pos, probs[:, k])
-        auc = roc_auc_score(is_pos, probs[:, k])
-        ax.plot(fpr, tpr, linewidth=2, label=f"{names[k]} (AUC {auc:.3f})")
+    undefined, degenerate = [], False
+    for level_index, (unit, level_labels, level_probs, style) in enumerate(levels):
+        per = f"per {unit[:-1]}"  # "per image", "per group"
+        for k in curves:
+            is_pos = level_labels == k
+            if is_pos.all() or not is_pos.any():
+                if unit == "images":
+                    undefined.append(names[k])
+                continue
+            fpr, tpr, _ = roc_curve(is_pos, level_probs[:, k])
+            auc = roc_auc_score(is_pos, level_probs[:, k])
+            label = f"{per} (AUC {auc:.3f})" if c == 2 else f"{names[k]}, {per} (AUC {auc:.3f})"
+            colour = f"C{level_index}" if c == 2 else f"C{k % 10}"
+            ax.plot(fpr, tpr, linewidth=2, linestyle=style, color=colour, label=label)
+        preds = predicted_classes(level_probs, pos_class)
+        degenerate |= any(w.startswith("degenerate scores")
+                          for w in score_warnings(level_labels, level_probs, preds, pos_class, names))
     title = f"ROC, positive class '{names[pos_class]}'" if c == 2 else "ROC, one-vs-rest"
+    n_groups = len(grouped.names) if grouped is not None else len(labels)
+    by = f" by {group_by}" if group_by and group_by != "image" else ""
+    title += f"\n{split_name + ': ' if split_name else ''}{len(labels)} images, {n_groups} groups{by}"
     if undefined:
         title += f"\nundefined for {', '.join(undefined)} (one class only in the labels)"
+    if degenerate:
+        title += "\ndegenerate scores: see the warnings in results.txt"
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity (false positive rate)",
            ylabel="sensitivity (true positive rate)", title=title, aspect="equal")
     ax.legend(loc="lower right", fontsize="small")
     _save_png(fig, path)
 
 
-def plot_confusion_matrix(path: str | os.PathLike, cm, class_names: Sequence[str] | None = None) -> None:
+def plot_confusion_matrix(path: str | os.PathLike, cm, class_names: Sequence[str] | None = None,
+                          title: str = "confusion matrix") -> None:
     """Confusion-matrix PNG: counts and the share of each true class (row %)."""
     cm = np.asarray(cm, dtype=np.int64)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
@@ -651,7 +987,7 @@ def plot_confusion_matrix(path: str | os.PathLike, cm, class_names: Sequence[str
     ticks = np.arange(len(names))
     ax.set_xticks(ticks, names, rotation=45 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center")
     ax.set_yticks(ticks, names)
-    ax.set(xlabel="predicted class", ylabel="true class", title="confusion matrix")
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
     _save_png(fig, path)
 
 
@@ -663,16 +999,33 @@ def output_name(stem: str, ext: str, split_name: str) -> str:
 
 def evaluate_and_write(out_dir: str | os.PathLike, split_name: str, files: Sequence[str], labels, probs,
                        class_names: Sequence[str] | None = None, pos_class: int = 1, n_boot: int = 1000,
-                       alpha: float = 0.05, seed: int = 0) -> dict:
-    """``evaluate_predictions`` and every output: results.json/.txt, predictions CSV, ROC and
-    confusion-matrix PNGs (names from ``output_name``). Call on one rank only. Returns the results."""
+                       alpha: float = 0.05, seed: int = 0, *, groups: Sequence | None = None,
+                       group_by: str = "image", threshold: float | None = None,
+                       operating_point: dict | None = None) -> dict:
+    """``evaluate_predictions`` and every output: results.json/.txt, predictions CSVs (per image and
+    per group), ROC and confusion-matrix PNGs (per image and per group; names from ``output_name``).
+    Call on one rank only. Returns the results."""
     out_dir = os.fspath(out_dir)
-    results = evaluate_predictions(labels, probs, class_names, pos_class, n_boot, alpha, seed)
+    results = evaluate_predictions(labels, probs, class_names, pos_class, n_boot, alpha, seed, groups=groups,
+                                   group_by=group_by, threshold=threshold, operating_point=operating_point)
     names = results["class_names"]
+    grouped = group_scores(labels, probs, groups if groups is not None else np.arange(len(files)))
     write_results(out_dir, results, names, split_name)
-    write_predictions_csv(os.path.join(out_dir, output_name("predictions", ".csv", split_name)),
-                          files, labels, probs, names)
-    plot_roc(os.path.join(out_dir, output_name("roc_curve", ".png", split_name)), labels, probs, pos_class, names)
+    write_predictions_csv(os.path.join(out_dir, output_name("predictions", ".csv", split_name)), files, labels,
+                          probs, names, groups=groups, pos_class=pos_class, threshold=threshold)
+    write_group_predictions_csv(os.path.join(out_dir, output_name("predictions_groups", ".csv", split_name)),
+                                grouped, names, pos_class=pos_class, threshold=threshold)
+    plot_roc(os.path.join(out_dir, output_name("roc_curve", ".png", split_name)), labels, probs, pos_class, names,
+             split_name=split_name, grouped=grouped, group_by=results["group_by"])
+    at = ""
+    if results["pos_class"] is not None and threshold is not None:
+        at = f"\nat p({names[pos_class]}) >= {threshold:.4g}"
     plot_confusion_matrix(os.path.join(out_dir, output_name("confusion_matrix", ".png", split_name)),
-                          results["confusion_matrix"], names)
+                          results["confusion_matrix"], names,
+                          title=f"confusion matrix, {split_name}: {results['n']} images{at}")
+    group_level = results["group_level"]
+    plot_confusion_matrix(os.path.join(out_dir, output_name("confusion_matrix_groups", ".png", split_name)),
+                          group_level["confusion_matrix"], names,
+                          title=f"confusion matrix, {split_name}: {group_level['n']} cases in "
+                                f"{results['n_groups']} groups{at}")
     return results
