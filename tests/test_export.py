@@ -171,6 +171,7 @@ SAFETENSORS_CASES = [
     ("dconvmae_convvit_tiny_patch16", dict(img_size=(32, 48), in_chans=1)),
     ("vit_tiny_patch16", dict(img_size=32, in_chans=3, num_classes=3, global_pool=False)),
     ("convvit_tiny_patch16", dict(img_size=32, in_chans=1, num_classes=2, global_pool=True)),
+    ("convvit_tiny_patch16", dict(img_size=32, in_chans=3, num_classes=2, global_pool="first_patch")),
 ]
 
 
@@ -181,10 +182,12 @@ def test_safetensors_export_rebuilds_every_model_from_its_json(tmp_path, name, k
     model = perturbed(registry.create(name, **kwargs))
     size = kwargs["img_size"]
     ckpt = save(model, tmp_path / "x.pth", model=name, input_size=[size] if isinstance(size, int) else list(size),
-                class_names=["benign", "malignant"])
+                class_names=["benign", "malignant"], global_pool=kwargs.get("global_pool"))
     out = run_export(ckpt, "safetensors", tmp_path / "st")
     spec = json.load(open(os.path.join(out, "model.json")))
     assert spec["model"] == name
+    if "global_pool" in kwargs:
+        assert spec["constructor"]["global_pool"] == kwargs["global_pool"]
     rebuilt = registry.create(spec["model"], **spec["constructor"])
     load_weights(rebuilt, os.path.join(out, "model.safetensors"), allowed_missing=(), allow_unexpected=False)
     rebuilt.eval()

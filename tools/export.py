@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models_mae import MaskedAutoencoderViT, is_deblurring_model  # noqa: E402
+from models_vit import FIRST_PATCH  # noqa: E402
 from util.checkpoint import (FIRST_CONV_KEYS, SAFETENSORS_ARGS_KEY, CheckpointError,  # noqa: E402
                              extract_state_dict, load_checkpoint_file, load_weights)
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -117,10 +118,11 @@ def resolve_spec(path: str, state: dict, recorded: dict, args) -> ModelSpec:
         kwargs.update(norm_pix_loss=bool(recorded.get("norm_pix_loss", False)),
                       loss_on=recorded.get("loss_on") or ("all" if is_deblurring_model(name) else "masked"))
         return ModelSpec(name, PRETRAINING, kwargs)
-    # the weights say how the classifier was built: head size, and fc_norm <=> average pooling
+    # the weights say how the classifier was built: head size, and fc_norm <=> average pooling;
+    # only ConvViT's first-patch pooling leaves no trace in them
     head = state.get("head.weight")
-    kwargs.update(num_classes=int(head.shape[0]) if head is not None else 0,
-                  global_pool="fc_norm.weight" in state)
+    pooling = FIRST_PATCH if recorded.get("global_pool") == FIRST_PATCH else "fc_norm.weight" in state
+    kwargs.update(num_classes=int(head.shape[0]) if head is not None else 0, global_pool=pooling)
     return ModelSpec(name, FINE_TUNING, kwargs)
 
 
