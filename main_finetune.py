@@ -70,6 +70,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="average-pool the patch tokens + fc_norm (default)")
     p.add_argument("--cls_token", action="store_false", dest="global_pool",
                    help="classify from the cls token (ViT) instead of global pooling")
+    p.add_argument("--first_patch_token", action="store_const", const="first_patch", dest="global_pool",
+                   help="ConvViT only: classify from the first patch token after norm, as the published "
+                        "--cls_token did for ConvViT (here --cls_token averages the normalised tokens)")
     # optimisation
     p.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm (default: off)")
     p.add_argument("--weight_decay", type=float, default=0.05)

@@ -4,8 +4,9 @@
   the patch tokens + ``fc_norm`` (default), or the cls token + ``norm``.
 * ``convvit_*`` -- the ConvMAE encoder (two convolutional stages, then transformer blocks). It has no
   cls token, so both pooling choices average the patch tokens: ``global_pool=True`` applies
-  ``fc_norm`` after pooling (published default), ``False`` applies ``norm`` before it. (The published
-  non-pooled path took ``x[:, 0]``, i.e. the first *patch* token, as if it were a cls token.)
+  ``fc_norm`` after pooling (published default), ``False`` applies ``norm`` before it. The published
+  non-pooled path took ``x[:, 0]``, i.e. the first *patch* token, as if it were a cls token;
+  ``global_pool="first_patch"`` reproduces it (``--first_patch_token`` in main_finetune.py).
 
 The ConvViT building blocks (``ConvPatchEmbed``, ``CBlock``) and the stage builder are shared with the
 pretraining model in ``models_convmae.py`` so that parameter names are defined in one place.
@@ -89,6 +90,9 @@ class CBlock(nn.Module):
         return x + self.drop_path(self.mlp(self._norm_nchw(self.norm2, x)))
 
 
+# ConvViT pooling that reproduces the published non-pooled path (norm, then the first patch token).
+FIRST_PATCH = "first_patch"
+
 # Stage strides of the ConvViT: 4 (stage 1), x2 (stage 2), x2 (stage 3) -> total 16.
 CONVVIT_STRIDES = (4, 2, 2)
 CONVVIT_PATCH = 16
@@ -132,6 +136,9 @@ class VisionTransformer(TimmVisionTransformer):
 
     def __init__(self, global_pool: bool = True, **kwargs):
         kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
+        if global_pool == FIRST_PATCH:
+            raise ValueError("first-patch pooling exists for ConvViT only (no class token there); a ViT "
+                             "classifies from its class token with global_pool=False (--cls_token)")
         if global_pool:
             # average of the patch tokens, then fc_norm; no final `norm` (MAE fine-tuning)
             kwargs.update(global_pool="avg", fc_norm=True)
@@ -172,12 +179,15 @@ class ConvViT(nn.Module):
         self.in_chans, self.num_classes = in_chans, num_classes
         self.embed_dims = tuple(embed_dims)
         self.num_features = self.embed_dim = embed_dims[-1]
+        if global_pool not in (True, False, FIRST_PATCH):
+            raise ValueError(f"global_pool must be True, False or {FIRST_PATCH!r}, got {global_pool!r}")
+        global_pool = global_pool if global_pool == FIRST_PATCH else bool(global_pool)
         self.global_pool = global_pool
         build_convvit_encoder(self, in_chans, embed_dims, depths, num_heads, mlp_ratios, norm_layer,
                               drop_path_rate, drop_rate)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], embed_dims[-1]))
         self.pos_drop = nn.Dropout(drop_rate)
-        if global_pool:
+        if global_pool is True:
             self.fc_norm = norm_layer(embed_dims[-1])
             del self.norm  # MAE convention: the pooled features are normalised by fc_norm instead
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
@@ -225,9 +235,10 @@ class ConvViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         _, _, tokens = self.forward_stages(x)
-        if self.global_pool:
+        if self.global_pool is True:
             return self.fc_norm(tokens.mean(dim=1))
-        return self.norm(tokens).mean(dim=1)
+        tokens = self.norm(tokens)
+        return tokens[:, 0] if self.global_pool == FIRST_PATCH else tokens.mean(dim=1)
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
         return self.head(feats)

@@ -7,7 +7,8 @@ official MAE / ConvMAE ones, DDP ``module.``-prefixed weights and plain state di
 Files are always read with ``torch.load(weights_only=True)``. The only non-tensor class the
 published checkpoints need, ``argparse.Namespace``, is on an explicit allow-list; anything else that
 would require unrestricted unpickling (which can run arbitrary code) is refused with a clear
-message -- there is no silent fallback.
+message -- there is no silent fallback. ``.safetensors`` files (``tools/export.py``, timm, Hugging
+Face) are read with ``safetensors``, a format that holds tensors and strings only.
 
 Weight surgery when loading into a model (``load_weights``):
 * learned position embeddings are resampled bicubically to the model's grid (fixed sin-cos ones are
@@ -62,6 +63,8 @@ def load_checkpoint_file(path: Union[str, os.PathLike], map_location="cpu") -> d
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint not found. Check the path passed to "
                               "--resume / --finetune / model.pretrained.")
+    if path.endswith(SAFETENSORS_SUFFIX):
+        return load_safetensors_file(path, map_location)
     try:
         with _allow_listed_globals():
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -79,6 +82,36 @@ def load_checkpoint_file(path: Union[str, os.PathLike], map_location="cpu") -> d
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{path}: expected a dict of weights, found {type(ckpt).__name__}.")
     return dict(ckpt)
+
+
+SAFETENSORS_SUFFIX = ".safetensors"
+SAFETENSORS_ARGS_KEY = "args"  # metadata entry: the settings the weights were trained with, as JSON
+
+
+def load_safetensors_file(path: str, map_location="cpu") -> dict:
+    """A ``.safetensors`` file as a checkpoint dict: ``{'model': tensors}`` plus ``'args'`` when its
+    metadata records them (``tools/export.py`` does). The format holds tensors and strings only, so
+    reading it cannot run code: the weights-only guarantee holds without an allow-list."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    device = map_location if isinstance(map_location, str) else "cpu"
+    try:
+        with safe_open(path, framework="pt", device=device) as f:
+            metadata = f.metadata() or {}
+            state = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]}). "
+                              "Copy or export it again.") from None
+    ckpt = {"model": state}
+    if SAFETENSORS_ARGS_KEY in metadata:
+        try:
+            ckpt["args"] = dict(json.loads(metadata[SAFETENSORS_ARGS_KEY]))
+        except (ValueError, TypeError):
+            raise CheckpointError(f"{path}: its '{SAFETENSORS_ARGS_KEY}' metadata is not a JSON object; "
+                                  "export the checkpoint again with tools/export.py.") from None
+    return ckpt
 
 
 def save_checkpoint(obj: dict, path: Union[str, os.PathLike]) -> None:

@@ -35,8 +35,17 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size, cls_token: bool = False) 
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid, old_grid=None,
-                       num_prefix_tokens: int = 0) -> torch.Tensor:
-    """Bicubically resample a learned (1, prefix + gh*gw, D) embedding to ``new_grid``.
+                       num_prefix_tokens: int = 0, antialias: bool = False) -> torch.Tensor:
+    """Resample a learned (1, prefix + gh*gw, D) embedding to ``new_grid``.
+
+    Default: the published MAE / ConvMAE interpolation (``interpolate_pos_embed`` of their fine-tuning
+    and segmentation code): the ``num_prefix_tokens`` leading rows (class token) are kept unchanged,
+    the grid is resized with bicubic interpolation, ``align_corners=False`` and no anti-aliasing.
+
+    ``antialias=True`` gives the resize timm applies by default (``resample_abs_pos_embed``): PyTorch's
+    anti-aliased bicubic, which uses another cubic kernel (a=-0.5 instead of -0.75) and, when
+    shrinking, a wider support. It changes the resampled values by up to a few 1e-2 and is not what
+    the published results were made with.
 
     ``old_grid`` defaults to the square grid implied by the token count (as in every published
     checkpoint, all made at 224x224).
@@ -50,5 +59,7 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid, old_grid=None,
         old_grid = (side, side)
     if tuple(old_grid) == tuple(new_grid):
         return pos_embed
-    return resample_abs_pos_embed(pos_embed.float(), new_size=list(new_grid), old_size=list(old_grid),
-                                  num_prefix_tokens=num_prefix_tokens).to(pos_embed.dtype)
+    # timm's function does exactly the published steps when anti-aliasing is off (computed in fp32)
+    return resample_abs_pos_embed(pos_embed, new_size=list(new_grid), old_size=list(old_grid),
+                                  num_prefix_tokens=num_prefix_tokens, interpolation="bicubic",
+                                  antialias=antialias, align_corners=False)
