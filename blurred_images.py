@@ -19,12 +19,17 @@ them. Writes are atomic (temporary file + rename), so an interruption never leav
 image behind. A file that cannot be read is reported by name and skipped; the run ends with a summary
 and exits with status 1 if any file failed (2 for a usage error such as a destination inside the
 source tree).
+
+Originals are never written: before anything is written the run stops (status 2) if the destination
+contains the source, if an output folder resolves into a source folder (a link or mount), or if a file
+already carrying an output name is a link or hard link to a source image.
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -136,6 +141,7 @@ def main(args: argparse.Namespace) -> Summary:
     if not relative_paths:
         raise UsageError(f"no images found under {src_dir} (looked for .png .jpg .jpeg .bmp .tif .tiff "
                          ".webp .dcm at any depth); check --src_dir and --exclude")
+    _refuse_outputs_that_are_sources(src_dir, dst_dir, relative_paths)
     summary = Summary()
     for dicom, png in _dicom_name_clashes(relative_paths).items():
         print(f"FAILED {os.path.join(src_dir, dicom)}: its output {png} is also the name of a source image; "
@@ -199,7 +205,98 @@ def _checked_dirs(src_dir: str, dst_dir: str) -> tuple[str, str]:
     if dst == src or os.path.commonpath([src, dst]) == src:
         raise UsageError(f"--dst_dir {dst_dir} is the source folder or inside it ({src}); blurred images "
                          f"would mix with the originals. Choose a destination outside it, e.g. {src}_blurred")
+    if os.path.commonpath([src, dst]) == dst:
+        raise UsageError(f"--dst_dir {dst_dir} contains the source folder {src}; blurred images would be "
+                         "written among (and could replace) the originals. Choose a destination outside it, "
+                         f"e.g. {src}_blurred")
     return src, dst
+
+
+def _refuse_outputs_that_are_sources(src: str, dst: str, relative_paths: list[str]) -> None:
+    """Raise UsageError when any output could land on a source file or in a source folder.
+
+    ``_checked_dirs`` compares the two roots; this looks at every output. A folder of the destination
+    tree may be a link into the source tree (or a bind mount of it), and a file already in the
+    destination may be a link or a hard link to an original: writing through the folder would replace
+    originals, and an output name that already exists would be "skipped" with the original standing
+    in as its blurred copy. So, before anything is written, every output folder is resolved (real path
+    and device/inode) and compared with the source folders, and every existing file that carries an
+    output name is compared (device/inode and real path) with the source files.
+    """
+    source_files: dict[tuple[int, int], str] = {}
+    real_source_files: dict[str, str] = {}
+    source_dirs: dict[tuple[int, int], str] = {}
+    real_source_dirs: dict[str, str] = {src: src}
+    outputs_by_dir: dict[str, tuple[set[str], set[str]]] = {}  # folder -> (file names, DICOM stems)
+    for rel in relative_paths:
+        path = os.path.join(src, rel)
+        folder = os.path.dirname(path)
+        try:
+            st = os.stat(path)
+            folder_st = os.stat(folder)
+        except OSError:
+            continue  # a dangling link or a vanished file: reported when its turn comes
+        source_files[(st.st_dev, st.st_ino)] = path
+        real_source_files[os.path.realpath(path)] = path
+        source_dirs[(folder_st.st_dev, folder_st.st_ino)] = folder
+        real_source_dirs[os.path.realpath(folder)] = folder
+        names, stems = outputs_by_dir.setdefault(os.path.dirname(rel), (set(), set()))
+        if is_dicom_file(rel):
+            stems.add(os.path.splitext(os.path.basename(rel))[0])
+        else:
+            names.add(os.path.basename(rel))
+
+    fix = (f"Choose a --dst_dir that is neither inside, nor linked into, nor hard-linked with the source "
+           f"tree (e.g. a new folder {src}_blurred), or remove that link from the destination")
+    for rel_folder, (names, stems) in outputs_by_dir.items():
+        out_folder = os.path.join(dst, rel_folder)
+        inside = _enclosing(os.path.realpath(out_folder), real_source_dirs)
+        if inside is None and os.path.isdir(out_folder):
+            st = os.stat(out_folder)
+            inside = source_dirs.get((st.st_dev, st.st_ino))
+        if inside is not None:
+            raise UsageError(f"the output folder {out_folder} is the source folder {inside} (through a link or "
+                             f"mount); blurred images would be written among the originals. {fix}.")
+        if not os.path.isdir(out_folder):
+            continue
+        for entry in os.scandir(out_folder):
+            if not (entry.name in names or not stems.isdisjoint(_dicom_output_stems(entry.name))):
+                continue
+            try:
+                st = entry.stat()  # follows a link: what a reader of this output would get
+            except OSError:
+                continue  # a dangling link is replaced by the output, never followed
+            original = source_files.get((st.st_dev, st.st_ino)) or real_source_files.get(
+                os.path.realpath(entry.path))
+            if original is not None:
+                raise UsageError(f"the output {entry.path} is the source image {original} (a link or hard link "
+                                 "to it); it would be skipped as already blurred, or with --overwrite replace "
+                                 f"the original. {fix}.")
+
+
+_DICOM_FRAME_OUTPUT = re.compile(r"(.+)_f\d{3,}\.png")
+
+
+def _dicom_output_stems(name: str) -> set[str]:
+    """Stems of the DICOM files whose output could be called ``name``: ``scan`` for ``scan.png``;
+    ``scan`` and ``scan_f012`` for ``scan_f012.png`` (a frame of scan.dcm, or all of scan_f012.dcm)."""
+    if not name.endswith(".png"):
+        return set()
+    frame = _DICOM_FRAME_OUTPUT.fullmatch(name)
+    return {name[:-4]} | ({frame.group(1)} if frame else set())
+
+
+def _enclosing(real_path: str, folders: dict[str, str]) -> str | None:
+    """The entry of ``folders`` (real path -> name to report) that is ``real_path`` or one of its
+    ancestors, if any."""
+    path = real_path
+    while True:
+        if path in folders:
+            return folders[path]
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
 
 
 def _available_cores() -> int:
