@@ -87,7 +87,14 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
     """uint16 -> uint8 with rounding (65535 -> 255); uint8 unchanged."""
     if img.dtype == np.uint8:
         return img
-    return ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    out = np.empty(img.shape, np.uint8)
+    # a band of rows at a time: the 32-bit sums of a large 16-bit scan would be 4x its size
+    for top in range(0, img.shape[0], 256):
+        band = img[top:top + 256].astype(np.uint32)
+        band += 128
+        band //= 257
+        out[top:top + 256] = band
+    return out
 
 
 def to_pil(img: np.ndarray) -> Image.Image:

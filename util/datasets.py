@@ -199,9 +199,13 @@ def resize_box(img: np.ndarray, box, size: Tuple[int, int]) -> torch.Tensor:
     top, left, h, w = box
     crop = img[top:top + h, left:left + w]
     if crop.dtype != np.uint8:
-        unit = to_unit_tensor(crop).unsqueeze(0)
-        out = F.interpolate(unit, size=size, mode="bicubic", align_corners=False, antialias=True)
-        return out.squeeze(0).clamp_(0.0, 1.0)
+        # one channel at a time: the float copy of a crop that spans a large 16-bit colour scan is
+        # then one channel's (4 bytes a pixel), not three channels' (12 bytes a pixel)
+        channels = []
+        for c in range(crop.shape[2]):
+            unit = to_unit_tensor(crop[:, :, c:c + 1]).unsqueeze(0)
+            channels.append(F.interpolate(unit, size=size, mode="bicubic", align_corners=False, antialias=True))
+        return torch.cat(channels, dim=1).squeeze(0).clamp_(0.0, 1.0)
     # contiguous and writable (a copy when the source is a read-only decode or memory map); as
     # C x H x W it is channels-last, the layout the uint8 kernel wants
     chw = torch.from_numpy(np.require(crop, requirements=("C", "W"))).permute(2, 0, 1).unsqueeze(0)
