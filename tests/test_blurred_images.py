@@ -298,3 +298,13 @@ def test_unrelated_links_in_the_destination_are_fine(tmp_path):
     os.symlink(src, dst / "unused_link")
     summary = run(src, dst)
     assert summary.written == 1 and not summary.failed
+
+
+def test_dangling_link_in_the_source_is_reported_by_name(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    save_png(src / "a/x.png", colour_image())
+    os.symlink(src / "a/moved.png", src / "a/gone.png")
+    result = run_cli("--src_dir", src, "--dst_dir", dst, "--workers", 1)
+    assert result.returncode == 1 and "written 1, skipped 0 (already there), failed 1" in result.stdout
+    assert f"{src / 'a/gone.png'}: it is a symbolic link to {src / 'a/moved.png'}, which does not exist" in result.stderr
+    assert "Traceback" not in result.stderr

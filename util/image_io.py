@@ -115,7 +115,7 @@ def check_image_size(path: str | os.PathLike, width: int, height: int) -> None:
             path, f"the image is {width} x {height} = {width * height:,} pixels, above the limit of {limit:,} "
                   "pixels per image that keeps memory bounded",
             f"Downscale or crop it, or raise the limit with the environment variable {MAX_IMAGE_PIXELS_ENV}="
-            f"{width * height} (decoding needs about 6 bytes per pixel for 16-bit colour)")
+            f"{width * height} (a 16-bit colour image needs about 12 bytes per pixel while it is decoded)")
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
