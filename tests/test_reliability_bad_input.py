@@ -262,6 +262,50 @@ def test_blurred_copy_of_another_size_names_both_files(tmp_path):
         ds[0]
 
 
+# ------------------------------------------------------------------------------ colour decided once per run
+@pytest.fixture(scope="module")
+def colour_tree(tmp_path_factory):
+    """train/val/test, two classes, 3 colour (RGB) and 1 grey image per class folder."""
+    root = tmp_path_factory.mktemp("colour")
+    for split in ("train", "val", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(3):
+                img = smooth((40, 48, 3))
+                img[:, :, i] = 255 - img[:, :, i]  # real colour: the channels differ
+                cv2.imwrite(str(root / split / cls / f"{i}.png"), img)
+            cv2.imwrite(str(root / split / cls / "grey.png"), smooth((40, 48)))
+    return root
+
+
+def all_channels_equal(img):
+    return np.array_equal(img[:, :, 0], img[:, :, 1]) and np.array_equal(img[:, :, 1], img[:, :, 2])
+
+
+@pytest.mark.parametrize("blur", [None, BlurSpec()])
+def test_finetune_inputs_follow_one_colour_decision_with_or_without_blur(colour_tree, blur):
+    grey = ClassificationDataset(str(colour_tree), "train", ["a", "b"], blur=blur)
+    colour = ClassificationDataset(str(colour_tree), "train", ["a", "b"], blur=blur, keep_channels=True)
+    for i in range(len(grey)):
+        g, c = grey.load_pixels(i), colour.load_pixels(i)
+        assert g.shape == c.shape and g.shape[2] == 3
+        assert all_channels_equal(g)  # grey, replicated for a 3-channel model
+        # before: colour without --blur but grey with it, so the two arms saw different images
+        assert all_channels_equal(c) == grey.sample_name(i).endswith("grey.png")
+
+
+def test_scripts_print_how_many_colour_images_and_the_conversion(colour_tree, tmp_path, capsys):
+    main_pretrain.cli(pretrain_args(colour_tree / "train", tmp_path / "pre", "--batch_size", "2"))
+    main_finetune.cli(finetune_args(colour_tree, tmp_path / "fine", "--keep_channels"))
+    out = capsys.readouterr().out
+    assert ("colour: 6 of 8 images are stored in colour; input and target both converted to grey "
+            "(--keep_channels keeps colour)") in out
+    assert "colour: 6 of 8 images are stored in colour; kept in colour for input and target alike" in out
+    message = error_of(main_pretrain.cli, pretrain_args(colour_tree / "train", tmp_path / "x", "--in_chans", "1",
+                                                        "--keep_channels"))
+    assert "--keep_channels keeps colour, which a 1-channel model cannot take" in message
+
+
 # ------------------------------------------------------------------------------ class folders
 def test_empty_class_folder_is_an_error_in_train_and_a_warning_elsewhere(tmp_path):
     for split in ("train", "val", "test"):

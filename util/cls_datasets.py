@@ -4,9 +4,11 @@
   ``ImageFolder``), taken over all splits present so that a split missing one class keeps the same
   class indices. Images may sit at any depth below their class folder; a multi-frame DICOM gives one
   sample per frame.
-* Pixels: the file is read as grey or RGB, 8 or 16 bit (``util.image_io``); ``blur`` (the deblurring
-  arms) is applied to the grey image at its native bit depth, with the same key as
-  ``blurred_images.py`` uses for that file, so on-the-fly and offline blurring give the same input.
+* Pixels: the file is read as grey or RGB, 8 or 16 bit (``util.image_io``) and, as in pretraining,
+  converted to grey unless ``keep_channels`` keeps colour (one decision for the whole run, so the
+  arms with and without blur see the same kind of image); ``blur`` (the deblurring arms) is then
+  applied at the native bit depth, with the same key as ``blurred_images.py`` uses for that file, so
+  on-the-fly and offline blurring give the same input.
   The image is then reduced to 8 bits, because timm's RandAugment operates on 8-bit PIL images; the
   evaluation transform gets the same 8-bit image so training and evaluation see identical pixels.
 * Transforms: timm's ``create_transform`` -- RandomResizedCrop (bicubic), flip, RandAugment, random
@@ -30,7 +32,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from util.blur import BlurSpec, blur_key
-from util.datasets import DatasetError, dataset_mean_std, index_items, to_channels, to_unit_tensor
+from util.datasets import (DatasetError, colour_census, colour_report, dataset_mean_std, index_items, to_channels,
+                           to_unit_tensor)
 from util.image_io import UnreadableImageError, is_image_file, read_image, to_grey
 
 SPLITS = ("train", "val", "test")
@@ -123,11 +126,15 @@ def build_transform(train: bool, size: Tuple[int, int], in_chans: int, mean: Seq
 # ------------------------------------------------------------------------------ dataset
 class ClassificationDataset(Dataset):
     def __init__(self, root: str, split: str, class_names: Sequence[str], transform=None, *,
-                 blur: Optional[BlurSpec] = None, in_chans: int = 3, strict: bool = False):
+                 blur: Optional[BlurSpec] = None, in_chans: int = 3, strict: bool = False,
+                 keep_channels: bool = False):
+        if keep_channels and in_chans == 1:
+            raise ValueError("keep_channels keeps colour, which a 1-channel model cannot take; use in_chans=3")
         self.root, self.split = root, split
         self.split_root = os.path.join(root, split)
         self.class_names = list(class_names)
         self.transform, self.blur, self.in_chans, self.strict = transform, blur, in_chans, strict
+        self.keep_channels = keep_channels
         self.samples = self._index()
         if not self.samples:
             raise DatasetError(f"no images found in {self.split_root}/<class>/. Expected image files (PNG, "
@@ -172,15 +179,22 @@ class ClassificationDataset(Dataset):
         counts = np.bincount(self.labels, minlength=len(self.class_names))
         return {name: int(c) for name, c in zip(self.class_names, counts)}
 
+    def colour_report(self) -> str:
+        """One line: how many images are stored in colour and what this run does with them."""
+        files = [os.path.join(self.split_root, s[0]) for s in self.samples]
+        return colour_report(colour_census(files), self.keep_channels, self.in_chans)
+
     def load_pixels(self, index: int) -> np.ndarray:
         """The model's input before the transform: H x W x in_chans uint8 (blurred when asked)."""
         rel, frame, frames, _ = self.samples[index]
         image = read_image(os.path.join(self.split_root, rel), frame)
+        if not self.keep_channels:
+            image = to_grey(image)
         if self.blur is not None:
             # key relative to the dataset root, as blurred_images.py run on that root would use
             key = blur_key(f"{self.split}/{rel}", frame if frames > 1 else None)
-            image = self.blur.apply(to_grey(image), key=key)
-        return to_uint8(to_channels(image, self.in_chans))
+            image = self.blur.apply(image, key=key)
+        return to_channels(to_uint8(image), self.in_chans)  # 8 bits first: grey is replicated after
 
     def __getitem__(self, index: int):
         try:

@@ -8,6 +8,13 @@ Modes
   crop -- the same numbers the offline ``blurred_images.py`` copy holds, without that copy;
 * vanilla: input and target are the same image (``orig_root`` and ``blur`` both None).
 
+Colour is decided once per run and applied to input and target alike (``keep_channels``): by
+default every image is converted to grey right after decoding -- before the blur, and the sharp
+target too, as ``blurred_images.py`` makes its grey copy -- so a model is never asked to colourise
+a grey input. With ``keep_channels`` colour images stay colour in both (the blur then works per
+channel, as ``blurred_images.py --keep_channels``); grey images stay grey. ``colour_report`` gives
+the line the scripts print about it at start.
+
 Every sample gets one RandomResizedCrop box and one flip decision, applied to both images. They
 are drawn from a generator seeded by (epoch seed, sample index): the sampler hands each index to the
 workers together with the epoch's seed (``SeededSampler``), so the crops of an epoch depend on
@@ -39,7 +46,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from util.blur import BlurSpec, blur_key
-from util.image_io import UnreadableImageError, image_frames, list_images, read_image, to_grey
+from util.image_io import (UnreadableImageError, image_frames, list_images, read_image, stored_in_colour,
+                           to_grey)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,7 +57,10 @@ CROP_RATIO = (3 / 4, 4 / 3)
 MAX_SUBSTITUTES = 16
 # Part of the decoded cache's key: raise it whenever decode_pair's output changes for the same files
 # and settings (a blur or channel conversion changed), so old caches are not read any more.
-DECODE_VERSION = 1
+# 2: colour converted to grey for input and target alike; header-checked DICOM frames, NaN floats.
+DECODE_VERSION = 2
+# Colour census at start: files whose header is read (all of them up to this many, else a sample).
+COLOUR_CENSUS_FILES = 2000
 
 
 class DatasetError(RuntimeError):
@@ -102,6 +113,37 @@ def check_pairs(orig_root: str, orig_items, blurred_root: str) -> List[str]:
                      "missing), or blur on the fly with --blur gaussian instead of --data_path_blurred.")
         raise DatasetError("\n".join(lines))
     return expected
+
+
+def colour_census(paths: Sequence[str], seed: int = 0, max_files: int = COLOUR_CENSUS_FILES) -> Tuple[int, int, int]:
+    """(colour files, files checked, files in all) over the distinct ``paths``, from headers only;
+    a large dataset is judged from a seeded sample of ``max_files``. Unreadable files are not counted
+    (they are reported when read)."""
+    files = sorted(set(paths))
+    chosen = files
+    if len(files) > max_files:
+        chosen = [files[i] for i in np.sort(np.random.default_rng(seed).permutation(len(files))[:max_files])]
+    colour = checked = 0
+    for path in chosen:
+        try:
+            colour += stored_in_colour(path)
+            checked += 1
+        except (UnreadableImageError, OSError):
+            continue
+    return colour, checked, len(files)
+
+
+def colour_report(census: Tuple[int, int, int], keep_channels: bool, in_chans: int) -> str:
+    """The one line the scripts print at start: how many colour images, what is done with them."""
+    colour, checked, total = census
+    where = f"of {checked} images" if checked == total else f"of {checked} images checked (a sample of {total})"
+    if keep_channels:
+        action = "kept in colour for input and target alike (grey images stay grey)"
+    elif in_chans == 1:
+        action = "input and target both converted to grey (1-channel model)"
+    else:
+        action = "input and target both converted to grey (--keep_channels keeps colour)"
+    return f"colour: {colour} {where} are stored in colour; {action}"
 
 
 def subset(items: list, num: Optional[int], seed: int) -> list:
@@ -232,13 +274,17 @@ def center_box(height: int, width: int, size: Tuple[int, int]) -> Tuple[int, int
 class PretrainDataset(Dataset):
     def __init__(self, root: str, *, orig_root: Optional[str] = None, blur: Optional[BlurSpec] = None,
                  input_size=224, in_chans: int = 3, train: bool = True, strict: bool = False,
-                 num_samples: Optional[int] = None, seed: int = 0):
+                 num_samples: Optional[int] = None, seed: int = 0, keep_channels: bool = False):
         """``root``: inputs (blurred copy in paired mode; originals otherwise).
-        ``orig_root``: originals in paired mode. ``blur``: on-the-fly blur of ``root``'s images."""
+        ``orig_root``: originals in paired mode. ``blur``: on-the-fly blur of ``root``'s images.
+        ``keep_channels``: keep colour images in colour, input and target (default: both grey)."""
         if orig_root is not None and blur is not None:
             raise ValueError("use either a blurred copy (orig_root) or on-the-fly blur, not both")
+        if keep_channels and in_chans == 1:
+            raise ValueError("keep_channels keeps colour, which a 1-channel model cannot take; use in_chans=3")
         self.size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         self.in_chans, self.train, self.strict, self.blur = in_chans, train, strict, blur
+        self.keep_channels, self.seed = keep_channels, seed
         index_root = orig_root or root
         items = index_items(index_root)
         if not items:
@@ -257,23 +303,38 @@ class PretrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def colour_report(self) -> str:
+        """One line: how many of the images (the sharp ones in paired mode) are stored in colour,
+        and the conversion this run applies to input and target."""
+        files = [s[1] or s[0] for s in self.samples]
+        return colour_report(colour_census(files, self.seed), self.keep_channels, self.in_chans)
+
     # ---------------------------------------------------------------- decoded arrays
+    def channels_of_run(self, img: np.ndarray) -> np.ndarray:
+        """The run's one colour decision, applied to every decoded image, input and target alike."""
+        return img if self.keep_channels else to_grey(img)
+
     def decode_pair(self, index: int):
         """(input, target) as H x W x C arrays decoded from the files; target None when it is the
         input itself."""
         input_path, orig_path, input_frame, rel, frame, frames = self.samples[index]
-        image = read_image(input_path, input_frame)
+        image = self.channels_of_run(read_image(input_path, input_frame))
         if self.blur is not None:
             key = blur_key(rel, frame if frames > 1 else None)
-            # grey before blurring, as blurred_images.py does, so both give the same input
-            blurred = self.blur.apply(to_grey(image), key=key)
+            # after the colour decision, as blurred_images.py does, so both give the same input
+            blurred = self.blur.apply(image, key=key)
             return model_channels(blurred, self.in_chans), model_channels(image, self.in_chans)
         if orig_path is not None:
-            target = read_image(orig_path, frame)
+            target = self.channels_of_run(read_image(orig_path, frame))
             if target.shape[:2] != image.shape[:2]:
                 raise DatasetError(f"{input_path} is {image.shape[1]}x{image.shape[0]} but its original "
                                    f"{orig_path} is {target.shape[1]}x{target.shape[0]}; re-create the "
                                    "blurred copy with blurred_images.py")
+            if image.ndim != target.ndim:  # only with keep_channels: a grey copy of a colour original
+                raise DatasetError(f"{input_path} is grey but its original {orig_path} is colour, and "
+                                   "--keep_channels keeps colour: the model would have to colourise. Re-create "
+                                   "the blurred copy with blurred_images.py --keep_channels, or train without "
+                                   "--keep_channels (input and target then both grey).")
             return model_channels(image, self.in_chans), model_channels(target, self.in_chans)
         return model_channels(image, self.in_chans), None
 
@@ -289,7 +350,7 @@ class PretrainDataset(Dataset):
         sample_list = json.dumps([[s[0], s[1], s[2], s[4]] for s in self.samples]).encode()
         description = {"decode_version": DECODE_VERSION,
                        "blur": None if self.blur is None else repr(self.blur),
-                       "channels": "grey" if self.in_chans == 1 else "native",
+                       "channels": "native" if self.keep_channels else "grey",
                        "num_samples": len(self.samples),
                        "samples_sha256": hashlib.sha256(sample_list).hexdigest()}
         files = [[s[0]] + ([s[1]] if s[1] else []) for s in self.samples]

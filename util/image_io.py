@@ -53,6 +53,8 @@ _SYSTEM_FILES = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
 _GREY_WEIGHTS_RGB = (9797, 19234, 3737)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Pillow modes of grey images (with or without alpha, any depth); every other mode holds colour.
+_GREY_PIL_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
 
 # Largest image (width x height, any number of channels or bits) read by default: 16384 x 16384. A
 # 16-bit RGB image of that size is 1.5 GiB decoded, already more than a DataLoader worker should
@@ -231,6 +233,21 @@ def to_grey(img: np.ndarray) -> np.ndarray:
     return grey
 
 
+def stored_in_colour(path: str | os.PathLike) -> bool:
+    """True when the file stores colour (RGB, palette, YBR, CMYK, ...) rather than grey pixels,
+    read from its header only (nothing is decoded). Unreadable files raise UnreadableImageError."""
+    path = os.fspath(path)
+    if is_dicom_file(path):
+        header = _guarded(path, lambda: _read_dicom_header(path))
+        photometric = str(header.get("PhotometricInterpretation", "")).upper()
+        return int(header.get("SamplesPerPixel", 1) or 1) > 1 or photometric == "PALETTE COLOR"
+
+    def colour_mode() -> bool:
+        with _open_with_size_limit(path) as im:
+            return im.mode not in _GREY_PIL_MODES
+    return _guarded(path, colour_mode)
+
+
 def write_image_atomic(path: str | os.PathLike, img: np.ndarray) -> None:
     """Write ``img`` (grey or RGB, uint8 or uint16) in the format its extension names, atomically.
 
@@ -351,6 +368,12 @@ def _pillow_to_array(im: Image.Image, path: str) -> np.ndarray:
     if im.mode in ("1", "LA", "La"):
         return np.asarray(im.convert("L"))
     return np.asarray(im.convert("RGB"))  # RGBA, RGBa, RGBX, P, PA, CMYK, YCbCr, LAB, HSV
+
+
+def _read_dicom_header(path: str):
+    import pydicom
+
+    return pydicom.dcmread(path, stop_before_pixels=True)
 
 
 def _dicom_header(path: str):
