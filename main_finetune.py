@@ -294,7 +294,10 @@ def describe_data(datasets, class_names, pos_class, args) -> None:
         counts = ", ".join(f"{k} {v}" for k, v in dataset.class_counts().items())
         print(f"{split}: {len(dataset)} images ({counts})")
     if du.is_main_process():  # reads headers: once, not on every rank
-        print(next(iter(datasets.values())).colour_report())
+        for i, dataset in enumerate(datasets.values()):  # the colour census of the first split only
+            report = dataset.start_report(colour=i == 0)
+            if report:
+                print(report)
 
 
 # ------------------------------------------------------------------------------ model

@@ -402,7 +402,7 @@ def main(args):
     val_loader = make_loader(val_set, args, train=False) if val_set is not None else None
     print(f"training images: {len(train_set)}; validation images: {len(val_set) if val_set else 0}")
     if du.is_main_process():  # reads headers: once, not on every rank
-        print(train_set.colour_report())
+        print(train_set.start_report())  # non-image files left out, colour census and conversion
 
     loss_on = args.loss_on or ("all" if is_deblurring_model(args.model) else "masked")
     model = registry.create(args.model, img_size=input_hw(args), in_chans=args.in_chans,

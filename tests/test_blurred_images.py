@@ -308,3 +308,41 @@ def test_dangling_link_in_the_source_is_reported_by_name(tmp_path):
     assert result.returncode == 1 and "written 1, skipped 0 (already there), failed 1" in result.stdout
     assert f"{src / 'a/gone.png'}: it is a symbolic link to {src / 'a/moved.png'}, which does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_dicom_without_extension_is_blurred_and_non_images_are_counted(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    single = get_testdata_file("examples_rgb_color.dcm", download=False)
+    cine = get_testdata_file("examples_ybr_color.dcm", download=False)
+    if single is None or cine is None:
+        pytest.skip("pydicom's bundled example files are missing from this installation")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "export/series1").mkdir(parents=True)
+    shutil.copy(single, src / "export/series1/IM000001")
+    shutil.copy(cine, src / "export/series1/IM000002")
+    save_png(src / "other/x.png", colour_image())
+    (src / "export/notes.txt").write_text("not an image")
+    (src / "export/DICOMDIR").write_bytes(b"\0" * 200)  # no preamble: not an image file
+    result = run_cli("--src_dir", src, "--dst_dir", dst, "--workers", 1)
+    assert result.returncode == 0, result.stderr
+    assert "2 file(s) in" in result.stdout and "are not images and are left out (e.g. export/DICOMDIR" in result.stdout
+    assert "written 32, skipped 0 (already there), failed 0; 2 non-image file(s) left out" in result.stdout
+    expected = ["export/series1/IM000001.png"] + [f"export/series1/IM000002_f{i:03d}.png" for i in range(30)]
+    assert relative_files(dst) == sorted(expected + ["other/x.png"])  # before: only other/x.png
+    from util.image_io import to_grey
+    assert np.array_equal(read_image(dst / "export/series1/IM000001.png"),
+                          BlurSpec().apply(to_grey(read_image(single)), key="export/series1/IM000001"))
+
+
+def test_dicom_without_extension_whose_png_name_is_taken_fails(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    single = get_testdata_file("examples_rgb_color.dcm", download=False)
+    if single is None:
+        pytest.skip("pydicom's bundled example files are missing from this installation")
+    src = tmp_path / "src"
+    save_png(src / "IM000001.png", colour_image())
+    shutil.copy(single, src / "IM000001")
+    summary = run(src, tmp_path / "dst")
+    assert summary.written == 1 and summary.failed == ["IM000001"]

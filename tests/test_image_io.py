@@ -397,3 +397,78 @@ def test_to_grey_does_not_copy_a_large_image_to_64_bits():
     assert grey.shape == (600, 500)
     # the grey result (2 bytes/pixel) plus 32-bit sums of one band of rows; before: 4 x 8 bytes/pixel
     assert peak < grey.nbytes + 3 * 256 * 500 * 4 + 65536, peak
+
+
+# ----------------------------------------------------------------------------- DICOM without extension, decoders
+def test_dicom_without_extension_is_recognised_by_its_preamble(tmp_path):
+    import shutil
+
+    from util.image_io import blurred_copy_names, is_dicom_file, scan_images
+
+    source = bundled_dicom("examples_rgb_color.dcm")
+    shutil.copy(source, tmp_path / "IM000001")  # the usual name in a scanner's export
+    shutil.copy(source, tmp_path / "1.2.840.113619.2.55.1")  # or a UID, whose "extension" is .1
+    touch(str(tmp_path / "notes"), b"patient list, not an image " * 10)
+    touch(str(tmp_path / "DICOMDIR.txt"), b"x" * 128 + b"DICX")
+    write_image_atomic(tmp_path / "a.png", random_image((4, 4)))
+    scan = scan_images(tmp_path)
+    assert scan.images == ["1.2.840.113619.2.55.1", "IM000001", "a.png"]  # before: only a.png
+    assert scan.not_images == ["DICOMDIR.txt", "notes"]
+    assert list_images(tmp_path) == scan.images
+    assert is_dicom_file(tmp_path / "IM000001") and not is_dicom_file(tmp_path / "notes")
+    assert np.array_equal(read_image(tmp_path / "IM000001"), read_image(source))
+    assert image_frames(tmp_path / "IM000001") == 1
+    assert blurred_copy_names("us/IM000001", 1, True) == ["us/IM000001.png"]
+    assert blurred_copy_names("us/1.2.840.1", 2, True) == ["us/1.2.840.1_f000.png", "us/1.2.840.1_f001.png"]
+    assert blurred_copy_names("us/scan.DCM", 1, True) == ["us/scan.png"]
+    assert blurred_copy_names("us/scan.png", 1, False) == ["us/scan.png"]
+
+
+@pytest.mark.parametrize("compressed,reference", [
+    ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),  # JPEG-LS lossless
+    ("MR_small_RLE.dcm", "MR_small.dcm"),  # RLE lossless
+    ("MR_small_jp2klossless.dcm", "MR_small.dcm"),  # JPEG 2000 lossless
+    ("SC_rgb_jpeg_gdcm.dcm", "SC_rgb_rle.dcm"),  # JPEG lossless, process 14 SV1 (colour)
+])
+def test_compressed_dicom_decodes_to_the_same_pixels_as_its_uncompressed_twin(compressed, reference):
+    assert np.array_equal(read_image(bundled_dicom(compressed)), read_image(bundled_dicom(reference)))
+
+
+def test_12bit_jpeg_extended_and_jpeg_ls_near_lossless_decode():
+    extended = read_image(bundled_dicom("JPGExtended.dcm"))  # Pillow alone cannot: 12-bit precision
+    assert extended.shape == (1024, 256) and extended.dtype == np.uint16
+    assert extended.max() > 0 and not (extended & 0xF).any()  # 12 bits scaled up to 16 by a shift
+    near = read_image(bundled_dicom("JPEGLSNearLossless_16.dcm"))
+    assert near.shape == (50, 10) and near.std() > 0
+
+
+def without_decoders(monkeypatch, syntax, keep=()):
+    """Make pydicom's decoder of ``syntax`` look as if only the plugins in ``keep`` were installed."""
+    from pydicom.pixels import get_decoder
+
+    decoder = get_decoder(syntax)
+    available = {k: v for k, v in decoder._available.items() if k in keep}
+    unavailable = {k: ("pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1") for k in decoder._available if k not in keep}
+    monkeypatch.setattr(decoder, "_available", available)
+    monkeypatch.setattr(decoder, "_unavailable", {**unavailable, "gdcm": ("gdcm>=3.0.10",)})
+
+
+def test_missing_decoder_is_named_instead_of_calling_the_file_damaged(tmp_path, monkeypatch):
+    from pydicom.uid import JPEGExtended12Bit, JPEGLSLossless
+
+    without_decoders(monkeypatch, JPEGLSLossless)
+    path = bundled_dicom("MR_small_jpeg_ls_lossless.dcm")
+    with pytest.raises(UnreadableImageError) as info:
+        read_image(path)
+    message = str(info.value)
+    assert message.startswith(f"cannot read image {path}: no decoder for its compression is installed "
+                              "(decoders of its compression, JPEG-LS Lossless Image Compression "
+                              "(1.2.840.10008.1.2.4.80), that are not installed: pylibjpeg - requires pylibjpeg>=2.0 "
+                              "and pylibjpeg-libjpeg>=2.1")
+    assert "gdcm" not in message and "damaged" not in message
+    assert "pip install -r requirements.txt" in message
+    # only Pillow left for 12-bit JPEG: it fails on this file, and the message says what else could read it
+    without_decoders(monkeypatch, JPEGExtended12Bit, keep=("pillow",))
+    with pytest.raises(UnreadableImageError, match="12-bit precision.*not installed: pylibjpeg - requires.*"
+                                                   "The file may be damaged, or need one of those decoders"):
+        read_image(bundled_dicom("JPGExtended.dcm"))

@@ -253,11 +253,37 @@ def test_colour_report_counts_colour_images_and_states_the_conversion(tmp_path):
     for path in (tmp_path / "grey" / "train").rglob("*.png"):
         os.replace(path, tmp_path / "mixed" / "train" / path.parent.name / f"grey_{path.name}")
     ds = PretrainDataset(str(tmp_path / "mixed" / "train"), input_size=32)
-    assert ds.colour_report() == ("colour: 3 of 5 images are stored in colour; input and target both "
+    assert ds.start_report() == ("colour: 3 of 5 images are stored in colour; input and target both "
                                   "converted to grey (--keep_channels keeps colour)")
     keep = PretrainDataset(str(tmp_path / "mixed" / "train"), input_size=32, keep_channels=True)
-    assert keep.colour_report().endswith("kept in colour for input and target alike (grey images stay grey)")
+    assert keep.start_report().endswith("kept in colour for input and target alike (grey images stay grey)")
     from util.datasets import colour_census
     files = [s[0] for s in ds.samples]
     colour, checked, total = colour_census(files, seed=0, max_files=2)
     assert (checked, total) == (2, 5) and 0 <= colour <= 2
+
+
+def test_dicom_without_extension_is_indexed_paired_and_non_images_reported(tmp_path, repo_root):
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    cine = get_testdata_file("examples_ybr_color.dcm", download=False)
+    if cine is None:
+        pytest.skip("pydicom's bundled example files are missing from this installation")
+    write_tree(tmp_path / "orig", n=2)
+    shutil.copy(cine, tmp_path / "orig" / "train" / "c0" / "IM000001")
+    (tmp_path / "orig" / "train" / "c0" / "report.pdf").write_bytes(b"%PDF-1.4 not an image")
+    vanilla = PretrainDataset(str(tmp_path / "orig" / "train"), input_size=32)
+    assert len(vanilla) == 2 + 30  # every frame of the cine; before: the two PNGs only
+    assert vanilla.start_report().startswith(f"1 file(s) in {tmp_path / 'orig' / 'train'} are not images and "
+                                             "are left out (e.g. c0/report.pdf)")
+    blurred_copy(repo_root, tmp_path / "orig", tmp_path / "blur")
+    assert (tmp_path / "blur" / "train" / "c0" / "IM000001_f029.png").exists()
+    paired = PretrainDataset(str(tmp_path / "blur" / "train"), orig_root=str(tmp_path / "orig" / "train"),
+                             input_size=32)
+    online = PretrainDataset(str(tmp_path / "orig" / "train"), blur=BlurSpec(), input_size=32)
+    assert len(paired) == len(online) == 32
+    for i in (0, 5, 31):
+        assert np.array_equal(paired.load_pair(i)[0], online.load_pair(i)[0])
+        assert np.array_equal(paired.load_pair(i)[1], online.load_pair(i)[1])

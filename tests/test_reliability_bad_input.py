@@ -275,6 +275,7 @@ def colour_tree(tmp_path_factory):
                 img[:, :, i] = 255 - img[:, :, i]  # real colour: the channels differ
                 cv2.imwrite(str(root / split / cls / f"{i}.png"), img)
             cv2.imwrite(str(root / split / cls / "grey.png"), smooth((40, 48)))
+    (root / "val" / "a" / "notes.txt").write_text("not an image")
     return root
 
 
@@ -301,6 +302,7 @@ def test_scripts_print_how_many_colour_images_and_the_conversion(colour_tree, tm
     assert ("colour: 6 of 8 images are stored in colour; input and target both converted to grey "
             "(--keep_channels keeps colour)") in out
     assert "colour: 6 of 8 images are stored in colour; kept in colour for input and target alike" in out
+    assert f"1 file(s) in {colour_tree / 'val'} are not images and are left out (e.g. a/notes.txt)" in out
     message = error_of(main_pretrain.cli, pretrain_args(colour_tree / "train", tmp_path / "x", "--in_chans", "1",
                                                         "--keep_channels"))
     assert "--keep_channels keeps colour, which a 1-channel model cannot take" in message

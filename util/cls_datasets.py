@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from util.blur import BlurSpec, blur_key
 from util.datasets import (DatasetError, colour_census, colour_report, dataset_mean_std, index_items, to_channels,
                            to_unit_tensor)
-from util.image_io import UnreadableImageError, is_image_file, read_image, to_grey
+from util.image_io import UnreadableImageError, describe_not_images, is_image_file, read_image, to_grey
 
 SPLITS = ("train", "val", "test")
 RANDAUGMENT = "rand-m9-mstd0.5-inc1"
@@ -45,7 +45,8 @@ def class_folders(split_root: str) -> List[str]:
     """Visible sub-folders of one split folder; images lying directly in it are an error, because
     they have no class."""
     entries = sorted(os.listdir(split_root))
-    loose = [e for e in entries if os.path.isfile(os.path.join(split_root, e)) and is_image_file(e)]
+    loose = [e for e in entries if os.path.isfile(os.path.join(split_root, e))
+             and is_image_file(os.path.join(split_root, e))]
     if loose:
         raise DatasetError(f"{split_root} holds images outside class folders (e.g. {', '.join(loose[:3])}). "
                            f"Put every image in {split_root}/<class name>/, e.g. benign/ and malignant/.")
@@ -157,10 +158,12 @@ class ClassificationDataset(Dataset):
     def _index(self) -> List[Tuple[str, int, int, int]]:
         """(path relative to the split folder, frame, frame count, label) for every sample."""
         samples = []
+        self.not_images: List[str] = []  # files of the class folders that are not images, left out
         for label, name in enumerate(self.class_names):
             folder = os.path.join(self.split_root, name)
             if os.path.isdir(folder):
-                samples.extend((f"{name}/{rel}", frame, frames, label) for rel, frame, frames in index_items(folder))
+                samples.extend((f"{name}/{rel}", frame, frames, label)
+                               for rel, frame, frames in index_items(folder, self.not_images))
         return samples
 
     def __len__(self) -> int:
@@ -179,10 +182,15 @@ class ClassificationDataset(Dataset):
         counts = np.bincount(self.labels, minlength=len(self.class_names))
         return {name: int(c) for name, c in zip(self.class_names, counts)}
 
-    def colour_report(self) -> str:
-        """One line: how many images are stored in colour and what this run does with them."""
-        files = [os.path.join(self.split_root, s[0]) for s in self.samples]
-        return colour_report(colour_census(files), self.keep_channels, self.in_chans)
+    def start_report(self, colour: bool = True) -> str:
+        """What the scripts print at start about this split: the files left out as not images (if
+        any), and (``colour``) how many images are stored in colour with the conversion this run
+        applies."""
+        lines = [describe_not_images(self.not_images, self.split_root)]
+        if colour:
+            files = [os.path.join(self.split_root, s[0]) for s in self.samples]
+            lines.append(colour_report(colour_census(files), self.keep_channels, self.in_chans))
+        return "\n".join(filter(None, lines))
 
     def load_pixels(self, index: int) -> np.ndarray:
         """The model's input before the transform: H x W x in_chans uint8 (blurred when asked)."""

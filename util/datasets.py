@@ -2,8 +2,9 @@
 
 Modes
 * paired (published): the blurred input comes from ``blurred_root``, the sharp target from
-  ``orig_root``; files are paired by relative path (a DICOM original ``scan.dcm`` pairs with the PNG
-  ``scan.png`` / ``scan_f000.png`` ... that ``blurred_images.py`` writes for it);
+  ``orig_root``; files are paired by relative path (a DICOM original ``scan.dcm`` or ``IM000001``
+  pairs with the PNG ``scan.png`` / ``IM000001.png`` / ``scan_f000.png`` ... that ``blurred_images.py``
+  writes for it, see ``util.image_io.blurred_copy_names``);
 * on the fly: the input is ``blur.apply`` of the original at its native resolution, before the
   crop -- the same numbers the offline ``blurred_images.py`` copy holds, without that copy;
 * vanilla: input and target are the same image (``orig_root`` and ``blur`` both None).
@@ -12,7 +13,7 @@ Colour is decided once per run and applied to input and target alike (``keep_cha
 default every image is converted to grey right after decoding -- before the blur, and the sharp
 target too, as ``blurred_images.py`` makes its grey copy -- so a model is never asked to colourise
 a grey input. With ``keep_channels`` colour images stay colour in both (the blur then works per
-channel, as ``blurred_images.py --keep_channels``); grey images stay grey. ``colour_report`` gives
+channel, as ``blurred_images.py --keep_channels``); grey images stay grey. ``start_report`` gives
 the line the scripts print about it at start.
 
 Every sample gets one RandomResizedCrop box and one flip decision, applied to both images. They
@@ -46,8 +47,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from util.blur import BlurSpec, blur_key
-from util.image_io import (UnreadableImageError, image_frames, list_images, read_image, stored_in_colour,
-                           to_grey)
+from util.image_io import (UnreadableImageError, blurred_copy_names, describe_not_images, image_frames,
+                           is_dicom_file, list_images, read_image, scan_images, stored_in_colour, to_grey)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,17 +79,14 @@ def split_folder(root: str, split: str) -> Optional[str]:
     return None
 
 
-def blurred_name(relative_path: str, frames: int) -> List[str]:
-    """Names ``blurred_images.py`` gives the blurred copy of a file (DICOM -> PNG, per frame)."""
-    from blurred_images import output_paths  # the writer owns its naming rule
-    return output_paths(relative_path, frames)
-
-
-def index_items(root: str) -> List[Tuple[str, int, int]]:
+def index_items(root: str, not_images: Optional[List[str]] = None) -> List[Tuple[str, int, int]]:
     """(relative path, frame, frame count) for every image below ``root``; a multi-frame DICOM
-    contributes each of its frames."""
+    contributes each of its frames. The paths of the other files met are added to ``not_images``."""
     items = []
-    for rel in list_images(root):
+    scan = scan_images(root)
+    if not_images is not None:
+        not_images.extend(os.path.join(root, rel) for rel in scan.not_images)
+    for rel in scan.images:
         try:
             frames = image_frames(os.path.join(root, rel))
         except UnreadableImageError:
@@ -99,7 +97,9 @@ def index_items(root: str) -> List[Tuple[str, int, int]]:
 
 def check_pairs(orig_root: str, orig_items, blurred_root: str) -> List[str]:
     """Blurred relative path for each original item; one clear error listing unpaired files."""
-    expected = [blurred_name(rel, frames)[frame] for rel, frame, frames in orig_items]
+    dicom = {rel: is_dicom_file(os.path.join(orig_root, rel)) for rel, _, _ in orig_items}
+    # the names blurred_images.py gives the blurred copies (DICOM -> PNG, per frame)
+    expected = [blurred_copy_names(rel, frames, dicom[rel])[frame] for rel, frame, frames in orig_items]
     present = set(list_images(blurred_root))
     missing = [e for e in expected if e not in present]
     extra = sorted(present - set(expected))
@@ -286,7 +286,9 @@ class PretrainDataset(Dataset):
         self.in_chans, self.train, self.strict, self.blur = in_chans, train, strict, blur
         self.keep_channels, self.seed = keep_channels, seed
         index_root = orig_root or root
-        items = index_items(index_root)
+        self.index_root = index_root
+        self.not_images: List[str] = []  # files of the tree that are not images, left out
+        items = index_items(index_root, self.not_images)
         if not items:
             raise DatasetError(f"no images found under {index_root}. Expected image files (PNG, JPEG, "
                                "TIFF, BMP, DICOM, ...) in train/<class>/ and val/<class>/ folders or any "
@@ -303,11 +305,13 @@ class PretrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def colour_report(self) -> str:
-        """One line: how many of the images (the sharp ones in paired mode) are stored in colour,
-        and the conversion this run applies to input and target."""
+    def start_report(self) -> str:
+        """What the scripts print at start about the data: the files left out as not images (if
+        any), and how many images (the sharp ones in paired mode) are stored in colour with the
+        conversion this run applies to input and target."""
         files = [s[1] or s[0] for s in self.samples]
-        return colour_report(colour_census(files, self.seed), self.keep_channels, self.in_chans)
+        colour = colour_report(colour_census(files, self.seed), self.keep_channels, self.in_chans)
+        return "\n".join(filter(None, [describe_not_images(self.not_images, self.index_root), colour]))
 
     # ---------------------------------------------------------------- decoded arrays
     def channels_of_run(self, img: np.ndarray) -> np.ndarray:

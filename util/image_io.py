@@ -8,9 +8,12 @@ uint8 or uint16. What it does to the file's pixels, and why:
   meaningless alpha plane. Palette images become RGB, bilevel images grey.
 * 16-bit PNG and TIFF stay uint16, grey and colour alike. Pillow reduces 16-bit *colour* to 8 bits, so
   those files are decoded with OpenCV instead.
-* DICOM (``.dcm``) is decoded with pydicom (JPEG, JPEG 2000, RLE through pydicom's Pillow plugin), one
-  frame at a time. YBR photometrics become RGB, PALETTE COLOR goes through its colour table and
-  MONOCHROME1 is inverted so that bright always means strong echo. Signed data are shifted by
+* DICOM (``.dcm``, or a file without an image extension that starts with the DICOM preamble, as a
+  scanner's ``IM000001``) is decoded with pydicom, one frame at a time; compressed transfer syntaxes
+  through the pylibjpeg plugins and Pillow (README lists them). A file whose compression has no
+  decoder installed says so and names the missing package, rather than calling the file damaged.
+  YBR photometrics become RGB, PALETTE COLOR goes through its colour table and MONOCHROME1 is
+  inverted so that bright always means strong echo. Signed data are shifted by
   ``2**(BitsStored-1)`` to become unsigned without loss. Data stored with fewer bits than the output
   type (e.g. 12-bit) are scaled up by a left shift, as the PNG specification (section 12.5, sample
   depth scaling) asks of a 16-bit file: the shift is exact and reversible, and a 16-bit image then
@@ -35,7 +38,8 @@ from __future__ import annotations
 import os
 import struct
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -64,6 +68,9 @@ MAX_IMAGE_PIXELS_ENV = "DEBLURRINGMIM_MAX_IMAGE_PIXELS"
 # Rows converted at a time by to_grey: its 32-bit sums then need a few MiB, not 4x the image.
 _GREY_BAND_ROWS = 256
 
+_DECODER_ADVICE = ("Install the DICOM decoders that requirements.txt lists (pip install -r requirements.txt: "
+                   "pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, pylibjpeg-rle), or export the file "
+                   "uncompressed.")
 _DAMAGED_ADVICE = ("The file is damaged or not an image this reader supports: re-export or re-copy it, or "
                    "move it out of the dataset folder.")
 # DICOM pixel data elements: Pixel Data, Float Pixel Data, Double Float Pixel Data
@@ -121,19 +128,61 @@ def check_image_size(path: str | os.PathLike, width: int, height: int) -> None:
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
-    """True for a visible file whose extension is one of IMAGE_EXTENSIONS (any letter case)."""
-    name = os.path.basename(os.fspath(path))
+    """True for a visible file whose extension is one of IMAGE_EXTENSIONS (any letter case), or
+    that is a DICOM file by its content (see :func:`is_dicom_file`); ``path`` must name the file
+    itself for the content check."""
+    path = os.fspath(path)
+    name = os.path.basename(path)
     if name.startswith(".") or name.lower() in _SYSTEM_FILES:
         return False
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS or has_dicom_preamble(path)
 
 
 def is_dicom_file(path: str | os.PathLike) -> bool:
-    return os.fspath(path).lower().endswith(".dcm")
+    """``.dcm`` by name, or a file without an image extension that starts with the DICOM preamble:
+    scanner exports often name their files ``IM000001`` or after a UID (``1.2.840.....1``)."""
+    path = os.fspath(path)
+    extension = os.path.splitext(path)[1].lower()
+    if extension == ".dcm":
+        return True
+    return extension not in IMAGE_EXTENSIONS and has_dicom_preamble(path)
+
+
+def has_dicom_preamble(path: str | os.PathLike) -> bool:
+    """True when the file's bytes 128-131 are ``DICM`` (DICOM part 10 files: PS3.10 section 7.1)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:  # a folder, a dangling link, no permission: not a DICOM file we can read
+        return False
+
+
+def blurred_copy_names(relative_path: str, frames: int, dicom: bool) -> list[str]:
+    """Names of the blurred copy of a source file, the rule ``blurred_images.py`` writes and the
+    paired datasets look for: an ordinary image keeps its name; a DICOM file becomes PNG
+    (``scan.dcm`` -> ``scan.png``, ``IM000001`` -> ``IM000001.png``), one file per frame of a
+    multi-frame file (``scan_f000.png``, ... with three digits, more above 1000 frames)."""
+    if not dicom:
+        return [relative_path]
+    stem = relative_path[:-4] if relative_path.lower().endswith(".dcm") else relative_path
+    if frames == 1:
+        return [f"{stem}.png"]
+    digits = max(3, len(str(frames - 1)))
+    return [f"{stem}_f{index:0{digits}d}.png" for index in range(frames)]
+
+
+class ImageScan(NamedTuple):
+    images: list[str]  # sorted relative POSIX paths of the images
+    not_images: list[str]  # sorted relative paths of the other files met (text, system files, ...)
 
 
 def list_images(root: str | os.PathLike, exclude: Iterable[str] = ()) -> list[str]:
-    """Sorted relative POSIX paths of all images below ``root``, at any depth.
+    """Sorted relative POSIX paths of all images below ``root``, at any depth (see scan_images)."""
+    return scan_images(root, exclude).images
+
+
+def scan_images(root: str | os.PathLike, exclude: Iterable[str] = ()) -> ImageScan:
+    """The images below ``root`` at any depth, and the other files met on the way.
 
     Folders whose name is in ``exclude`` (e.g. ``masks``) and hidden folders are not entered.
     Symbolic links to folders are followed (datasets are often assembled from links), except a link
@@ -146,6 +195,7 @@ def list_images(root: str | os.PathLike, exclude: Iterable[str] = ()) -> list[st
     # For each folder still to visit, the real paths of it and its ancestors (to detect link cycles).
     ancestry = {root: frozenset({os.path.realpath(root)})}
     found: list[str] = []
+    others: list[str] = []
     for folder, subfolders, files in os.walk(root, followlinks=True):
         chain = ancestry.pop(folder)
         entered = []
@@ -159,10 +209,22 @@ def list_images(root: str | os.PathLike, exclude: Iterable[str] = ()) -> list[st
         subfolders[:] = entered
         relative_folder = os.path.relpath(folder, root)
         for name in files:
-            if is_image_file(name):
-                relative = name if relative_folder == "." else os.path.join(relative_folder, name)
-                found.append(relative.replace(os.sep, "/"))
-    return sorted(found)
+            relative = (name if relative_folder == "." else os.path.join(relative_folder, name)).replace(os.sep, "/")
+            (found if is_image_file(os.path.join(folder, name)) else others).append(relative)
+    return ImageScan(sorted(found), sorted(others))
+
+
+def describe_not_images(not_images: Sequence[str], where: str) -> str:
+    """One line about the files that are not images (paths below the folder ``where``), e.g. for a
+    start-up print; '' when none."""
+    if not not_images:
+        return ""
+    visible = [p for p in not_images if not os.path.basename(p).startswith(".")] or list(not_images)
+    shown = [os.path.relpath(p, where) if os.path.isabs(p) else p for p in visible[:3]]
+    examples = ", ".join(shown) + (", ..." if len(not_images) > 3 else "")
+    return (f"{len(not_images)} file(s) in {where} are not images and are left out (e.g. {examples}); images "
+            "are recognised by extension (.png .jpg .jpeg .bmp .tif .tiff .webp .dcm) or, for DICOM, by the "
+            "'DICM' preamble")
 
 
 def image_frames(path: str | os.PathLike) -> int:
@@ -196,11 +258,23 @@ def read_frames(path: str | os.PathLike, frames: Iterable[int] | None = None) ->
             yield frame, read_image(path, frame)
         return
     header, count = _guarded(path, lambda: _dicom_header(path))
+    missing = _missing_decoders(header)
     with open(path, "rb") as f:
         for frame in range(count) if frames is None else frames:
             if not 0 <= frame < count:
                 raise FrameIndexError(f"{path} has {count} frame(s); frame {frame} does not exist")
-            yield frame, _guarded(path, lambda: _dicom_frame(f, header, count, path, frame))
+            if missing and not missing.some_installed:
+                raise UnreadableImageError(path, missing.reason, _DECODER_ADVICE)
+            try:
+                yield frame, _guarded(path, lambda: _dicom_frame(f, header, count, path, frame))
+            except UnreadableImageError as err:
+                if not missing:
+                    raise
+                # some decoders of this compression are installed and failed: the file may be
+                # damaged, or need one of the decoders that are not installed
+                raise UnreadableImageError(path, f"{err.reason}; {missing.reason}",
+                                           "The file may be damaged, or need one of those decoders: "
+                                           + _DECODER_ADVICE) from err
 
 
 def to_grey(img: np.ndarray) -> np.ndarray:
@@ -368,6 +442,33 @@ def _pillow_to_array(im: Image.Image, path: str) -> np.ndarray:
     if im.mode in ("1", "LA", "La"):
         return np.asarray(im.convert("L"))
     return np.asarray(im.convert("RGB"))  # RGBA, RGBa, RGBX, P, PA, CMYK, YCbCr, LAB, HSV
+
+
+class _MissingDecoders(NamedTuple):
+    some_installed: bool  # other decoders of the same compression are installed
+    reason: str
+
+
+def _missing_decoders(header) -> _MissingDecoders | None:
+    """What is missing to decode the file's transfer syntax; None when nothing is."""
+    from pydicom.pixels import get_decoder
+
+    syntax = header.file_meta.get("TransferSyntaxUID") if hasattr(header, "file_meta") else None
+    if not syntax:
+        return None
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        return _MissingDecoders(False, f"its transfer syntax {syntax.name} ({syntax}) is not one pydicom can decode")
+    # gdcm is an optional alternative that requirements.txt does not install: every transfer syntax
+    # it decodes also has a pylibjpeg plugin, so its absence alone explains no failure
+    missing = [m for m in decoder.missing_dependencies if not m.startswith("gdcm")]
+    if not missing:
+        return None
+    what = f"decoders of its compression, {syntax.name} ({syntax}), that are not installed: {'; '.join(missing)}"
+    if decoder.is_available:
+        return _MissingDecoders(True, what)
+    return _MissingDecoders(False, f"no decoder for its compression is installed ({what})")
 
 
 def _read_dicom_header(path: str):
