@@ -334,11 +334,13 @@ class PretrainDataset(Dataset):
                 raise DatasetError(f"{input_path} is {image.shape[1]}x{image.shape[0]} but its original "
                                    f"{orig_path} is {target.shape[1]}x{target.shape[0]}; re-create the "
                                    "blurred copy with blurred_images.py")
-            if image.ndim != target.ndim:  # only with keep_channels: a grey copy of a colour original
-                raise DatasetError(f"{input_path} is grey but its original {orig_path} is colour, and "
-                                   "--keep_channels keeps colour: the model would have to colourise. Re-create "
-                                   "the blurred copy with blurred_images.py --keep_channels, or train without "
-                                   "--keep_channels (input and target then both grey).")
+            if image.ndim != target.ndim:  # only with keep_channels, e.g. a grey copy of a colour original
+                kinds = ("grey", "colour") if image.ndim == 2 else ("colour", "grey")
+                raise DatasetError(f"{input_path} is {kinds[0]} but its original {orig_path} is {kinds[1]}, and "
+                                   "--keep_channels keeps each image's colours: input and target would differ "
+                                   "in colour. Re-create the blurred copy from these originals with "
+                                   "blurred_images.py --keep_channels, or train without --keep_channels (input "
+                                   "and target then both grey).")
             return model_channels(image, self.in_chans), model_channels(target, self.in_chans)
         return model_channels(image, self.in_chans), None
 
