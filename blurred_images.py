@@ -9,9 +9,11 @@ the same format: PNG stays lossless PNG, JPEG is re-encoded at quality 95, TIFF/
 format, 16-bit PNG/TIFF stay 16-bit. Non-image files (``.DS_Store``, ``Thumbs.db``, text, hidden
 files) are ignored, and folders named by ``--exclude`` (e.g. ``--exclude masks``) are not entered.
 
-DICOM (``.dcm``) files are written as PNG: ``scan.dcm`` becomes ``scan.png``; each frame of a
-multi-frame DICOM becomes its own file, ``scan_f000.png``, ``scan_f001.png``, ... (three digits, more
-when a file has over 1000 frames).
+DICOM files (``.dcm``, or without extension, recognised by the DICOM preamble, as a scanner's
+``IM000001``) are written as PNG: ``scan.dcm`` becomes ``scan.png``, ``IM000001`` becomes
+``IM000001.png``; each frame of a multi-frame DICOM becomes its own file, ``scan_f000.png``,
+``scan_f001.png``, ... (three digits, more when a file has over 1000 frames). Files that are not images
+are left out and counted at the start and in the summary.
 
 Work is spread over ``--workers`` processes (default: all cores) with a progress bar. Outputs that
 already exist are skipped, so an interrupted run resumes where it stopped; ``--overwrite`` redoes
@@ -19,12 +21,17 @@ them. Writes are atomic (temporary file + rename), so an interruption never leav
 image behind. A file that cannot be read is reported by name and skipped; the run ends with a summary
 and exits with status 1 if any file failed (2 for a usage error such as a destination inside the
 source tree).
+
+Originals are never written: before anything is written the run stops (status 2) if the destination
+contains the source, if an output folder resolves into a source folder (a link or mount), or if a file
+already carrying an output name is a link or hard link to a source image.
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -32,8 +39,8 @@ import cv2
 from tqdm import tqdm
 
 from util.blur import BlurSpec, add_blur_arguments, blur_key, blur_spec_from_args
-from util.image_io import (UnreadableImageError, image_frames, is_dicom_file, list_images, read_frames,
-                           to_grey, write_image_atomic)
+from util.image_io import (UnreadableImageError, blurred_copy_names, describe_not_images, image_frames,
+                           is_dicom_file, read_frames, scan_images, to_grey, write_image_atomic)
 
 
 class UsageError(Exception):
@@ -47,6 +54,7 @@ class FileTask:
     src_dir: str
     dst_dir: str
     relative_path: str
+    dicom: bool
     spec: BlurSpec
     keep_channels: bool
     overwrite: bool
@@ -65,6 +73,7 @@ class Summary:
     written: int = 0
     skipped: int = 0
     failed: list[str] = field(default_factory=list)
+    not_images: int = 0  # files of the source tree that are not images (left out)
 
     def add(self, result: FileResult) -> None:
         self.written += result.written
@@ -73,7 +82,8 @@ class Summary:
             self.failed.append(result.relative_path)
 
     def __str__(self) -> str:
-        return f"written {self.written}, skipped {self.skipped} (already there), failed {len(self.failed)}"
+        text = f"written {self.written}, skipped {self.skipped} (already there), failed {len(self.failed)}"
+        return text + (f"; {self.not_images} non-image file(s) left out" if self.not_images else "")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -91,15 +101,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def output_paths(relative_path: str, frames: int) -> list[str]:
-    """Relative output path(s) for a source file; DICOM becomes PNG, one file per frame."""
-    if not is_dicom_file(relative_path):
-        return [relative_path]
-    stem = os.path.splitext(relative_path)[0]
-    if frames == 1:
-        return [f"{stem}.png"]
-    digits = max(3, len(str(frames - 1)))
-    return [f"{stem}_f{index:0{digits}d}.png" for index in range(frames)]
+def output_paths(relative_path: str, frames: int, dicom: bool) -> list[str]:
+    """Relative output path(s) for a source file; DICOM becomes PNG, one file per frame (the rule
+    is util.image_io.blurred_copy_names, which the paired datasets follow too)."""
+    return blurred_copy_names(relative_path, frames, dicom)
 
 
 def blur_file(task: FileTask) -> FileResult:
@@ -108,7 +113,8 @@ def blur_file(task: FileTask) -> FileResult:
     source = os.path.join(task.src_dir, task.relative_path)
     try:
         frames = image_frames(source)
-        destinations = [os.path.join(task.dst_dir, rel) for rel in output_paths(task.relative_path, frames)]
+        destinations = [os.path.join(task.dst_dir, rel)
+                        for rel in output_paths(task.relative_path, frames, task.dicom)]
         pending = [f for f, dst in enumerate(destinations) if task.overwrite or not os.path.exists(dst)]
         result.skipped = frames - len(pending)
         for frame, img in read_frames(source, pending):
@@ -132,17 +138,22 @@ def main(args: argparse.Namespace) -> Summary:
     """
     src_dir, dst_dir = _checked_dirs(args.src_dir, args.dst_dir)
     spec = blur_spec_from_args(args)
-    relative_paths = list_images(src_dir, exclude=args.exclude)
+    relative_paths, not_images = scan_images(src_dir, exclude=args.exclude)
     if not relative_paths:
-        raise UsageError(f"no images found under {src_dir} (looked for .png .jpg .jpeg .bmp .tif .tiff "
-                         ".webp .dcm at any depth); check --src_dir and --exclude")
-    summary = Summary()
-    for dicom, png in _dicom_name_clashes(relative_paths).items():
-        print(f"FAILED {os.path.join(src_dir, dicom)}: its output {png} is also the name of a source image; "
+        raise UsageError(f"no images found under {src_dir} (looked for .png .jpg .jpeg .bmp .tif .tiff .webp "
+                         ".dcm and DICOM files without extension at any depth); check --src_dir and --exclude"
+                         + (f"; {len(not_images)} other file(s) there, e.g. {not_images[0]}" if not_images else ""))
+    dicom = {rel: is_dicom_file(os.path.join(src_dir, rel)) for rel in relative_paths}
+    _refuse_outputs_that_are_sources(src_dir, dst_dir, relative_paths, dicom)
+    summary = Summary(not_images=len(not_images))
+    for source, png in _dicom_name_clashes(relative_paths, dicom).items():
+        print(f"FAILED {os.path.join(src_dir, source)}: its output {png} is also the name of a source image; "
               "rename one of the two", file=sys.stderr)
-        summary.failed.append(dicom)
-    tasks = [FileTask(src_dir, dst_dir, rel, spec, args.keep_channels, args.overwrite)
+        summary.failed.append(source)
+    tasks = [FileTask(src_dir, dst_dir, rel, dicom[rel], spec, args.keep_channels, args.overwrite)
              for rel in relative_paths if rel not in summary.failed]
+    if not_images:
+        print(describe_not_images(not_images, src_dir))
     print(f"Blurring {len(tasks)} files from {src_dir} into {dst_dir} with {spec.describe()} blur")
 
     with tqdm(total=len(tasks), unit="file", desc="blurring", dynamic_ncols=True) as progress:
@@ -158,13 +169,13 @@ def main(args: argparse.Namespace) -> Summary:
     return summary
 
 
-def _dicom_name_clashes(relative_paths: list[str]) -> dict[str, str]:
+def _dicom_name_clashes(relative_paths: list[str], dicom: dict[str, bool]) -> dict[str, str]:
     """Single-frame-style PNG names of DICOM files that another source image already has
-    (``a.dcm`` next to ``a.png``): one would silently be skipped as 'already there'."""
+    (``a.dcm`` or ``a`` next to ``a.png``): one would silently be skipped as 'already there'."""
     sources = set(relative_paths)
     clashes = {}
     for rel in relative_paths:
-        if is_dicom_file(rel) and (png := output_paths(rel, 1)[0]) in sources:
+        if dicom[rel] and (png := output_paths(rel, 1, True)[0]) in sources:
             clashes[rel] = png
     return clashes
 
@@ -199,7 +210,98 @@ def _checked_dirs(src_dir: str, dst_dir: str) -> tuple[str, str]:
     if dst == src or os.path.commonpath([src, dst]) == src:
         raise UsageError(f"--dst_dir {dst_dir} is the source folder or inside it ({src}); blurred images "
                          f"would mix with the originals. Choose a destination outside it, e.g. {src}_blurred")
+    if os.path.commonpath([src, dst]) == dst:
+        raise UsageError(f"--dst_dir {dst_dir} contains the source folder {src}; blurred images would be "
+                         "written among (and could replace) the originals. Choose a destination outside it, "
+                         f"e.g. {src}_blurred")
     return src, dst
+
+
+def _refuse_outputs_that_are_sources(src: str, dst: str, relative_paths: list[str], dicom: dict[str, bool]) -> None:
+    """Raise UsageError when any output could land on a source file or in a source folder.
+
+    ``_checked_dirs`` compares the two roots; this looks at every output. A folder of the destination
+    tree may be a link into the source tree (or a bind mount of it), and a file already in the
+    destination may be a link or a hard link to an original: writing through the folder would replace
+    originals, and an output name that already exists would be "skipped" with the original standing
+    in as its blurred copy. So, before anything is written, every output folder is resolved (real path
+    and device/inode) and compared with the source folders, and every existing file that carries an
+    output name is compared (device/inode and real path) with the source files.
+    """
+    source_files: dict[tuple[int, int], str] = {}
+    real_source_files: dict[str, str] = {}
+    source_dirs: dict[tuple[int, int], str] = {}
+    real_source_dirs: dict[str, str] = {src: src}
+    outputs_by_dir: dict[str, tuple[set[str], set[str]]] = {}  # folder -> (file names, DICOM stems)
+    for rel in relative_paths:
+        path = os.path.join(src, rel)
+        folder = os.path.dirname(path)
+        try:
+            st = os.stat(path)
+            folder_st = os.stat(folder)
+        except OSError:
+            continue  # a dangling link or a vanished file: reported when its turn comes
+        source_files[(st.st_dev, st.st_ino)] = path
+        real_source_files[os.path.realpath(path)] = path
+        source_dirs[(folder_st.st_dev, folder_st.st_ino)] = folder
+        real_source_dirs[os.path.realpath(folder)] = folder
+        names, stems = outputs_by_dir.setdefault(os.path.dirname(rel), (set(), set()))
+        if dicom[rel]:
+            stems.add(os.path.basename(output_paths(rel, 1, True)[0])[:-len(".png")])
+        else:
+            names.add(os.path.basename(rel))
+
+    fix = (f"Choose a --dst_dir that is neither inside, nor linked into, nor hard-linked with the source "
+           f"tree (e.g. a new folder {src}_blurred), or remove that link from the destination")
+    for rel_folder, (names, stems) in outputs_by_dir.items():
+        out_folder = os.path.join(dst, rel_folder)
+        inside = _enclosing(os.path.realpath(out_folder), real_source_dirs)
+        if inside is None and os.path.isdir(out_folder):
+            st = os.stat(out_folder)
+            inside = source_dirs.get((st.st_dev, st.st_ino))
+        if inside is not None:
+            raise UsageError(f"the output folder {out_folder} is the source folder {inside} (through a link or "
+                             f"mount); blurred images would be written among the originals. {fix}.")
+        if not os.path.isdir(out_folder):
+            continue
+        for entry in os.scandir(out_folder):
+            if not (entry.name in names or not stems.isdisjoint(_dicom_output_stems(entry.name))):
+                continue
+            try:
+                st = entry.stat()  # follows a link: what a reader of this output would get
+            except OSError:
+                continue  # a dangling link is replaced by the output, never followed
+            original = source_files.get((st.st_dev, st.st_ino)) or real_source_files.get(
+                os.path.realpath(entry.path))
+            if original is not None:
+                raise UsageError(f"the output {entry.path} is the source image {original} (a link or hard link "
+                                 "to it); it would be skipped as already blurred, or with --overwrite replace "
+                                 f"the original. {fix}.")
+
+
+_DICOM_FRAME_OUTPUT = re.compile(r"(.+)_f\d{3,}\.png")
+
+
+def _dicom_output_stems(name: str) -> set[str]:
+    """Stems of the DICOM files whose output could be called ``name``: ``scan`` for ``scan.png``;
+    ``scan`` and ``scan_f012`` for ``scan_f012.png`` (a frame of scan.dcm, or all of scan_f012.dcm)."""
+    if not name.endswith(".png"):
+        return set()
+    frame = _DICOM_FRAME_OUTPUT.fullmatch(name)
+    return {name[:-4]} | ({frame.group(1)} if frame else set())
+
+
+def _enclosing(real_path: str, folders: dict[str, str]) -> str | None:
+    """The entry of ``folders`` (real path -> name to report) that is ``real_path`` or one of its
+    ancestors, if any."""
+    path = real_path
+    while True:
+        if path in folders:
+            return folders[path]
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
 
 
 def _available_cores() -> int:

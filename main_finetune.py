@@ -65,6 +65,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="input size: one number (square) or H W (default: the --resume checkpoint's, else 224)")
     p.add_argument("--in_chans", default=None, type=int, choices=(1, 3),
                    help="input channels (default: those of the --resume/--finetune checkpoint's first layer, else 3)")
+    p.add_argument("--keep_channels", action="store_true",
+                   help="keep colour images in colour (default: converted to grey, with or without --blur, "
+                        "as in pretraining); needs --in_chans 3")
     p.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate")
     p.add_argument("--global_pool", action="store_true", default=True,
                    help="average-pool the patch tokens + fc_norm (default)")
@@ -232,8 +235,11 @@ def check_split_folders(args) -> None:
 def build_datasets(args, class_names):
     """Datasets of the required splits, without transforms yet (normalisation may need the data)."""
     blur = blur_spec_from_args(args, prefix="blur_")
+    if args.keep_channels and args.in_chans == 1:
+        raise SystemExit("error: --keep_channels keeps colour, which a 1-channel model cannot take; "
+                         "use --in_chans 3 or leave out --keep_channels")
     return {split: ClassificationDataset(args.data_path, split, class_names, blur=blur, in_chans=args.in_chans,
-                                         strict=args.strict_data)
+                                         strict=args.strict_data, keep_channels=args.keep_channels)
             for split in required_splits(args)}
 
 
@@ -266,7 +272,7 @@ def training_images(args, datasets):
                          f"and {args.data_path} has no train/ folder to measure it; pass --data_mean M --data_std S")
     any_split = next(iter(datasets.values()))
     return ClassificationDataset(args.data_path, "train", any_split.class_names, blur=any_split.blur,
-                                 in_chans=args.in_chans, strict=args.strict_data)
+                                 in_chans=args.in_chans, strict=args.strict_data, keep_channels=args.keep_channels)
 
 
 def attach_transforms(datasets, args, mean, std) -> None:
@@ -312,6 +318,11 @@ def describe_data(datasets, class_names, pos_class, args) -> None:
     for split, dataset in datasets.items():
         counts = ", ".join(f"{k} {v}" for k, v in dataset.class_counts().items())
         print(f"{split}: {len(dataset)} images ({counts})")
+    if du.is_main_process():  # reads headers: once, not on every rank
+        for i, dataset in enumerate(datasets.values()):  # the colour census of the first split only
+            report = dataset.start_report(colour=i == 0)
+            if report:
+                print(report)
 
 
 # ------------------------------------------------------------------------------ model

@@ -46,6 +46,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--in_chans", default=3, type=int, choices=(1, 3),
                    help="1 trains on grey images with the dataset's mean/std; 3 (default) uses "
                         "ImageNet normalisation, as the published checkpoints")
+    p.add_argument("--keep_channels", action="store_true",
+                   help="keep colour images in colour, for the input and the target alike (default: both "
+                        "converted to grey, as blurred_images.py does); needs --in_chans 3")
     p.add_argument("--mask_ratio", default=0.75, type=float)
     p.add_argument("--norm_pix_loss", action="store_true", help="normalise each target patch")
     p.add_argument("--loss_on", default=None, choices=LOSS_REGIONS,
@@ -135,7 +138,11 @@ def build_datasets(args):
         if not os.path.isdir(folder):
             raise SystemExit(f"error: the data folder {folder} does not exist or is not a folder; check "
                              "--data_path_blurred / --data_path_orig")
-    common = dict(blur=blur, input_size=input_hw(args), in_chans=args.in_chans, strict=args.strict_data)
+    if args.keep_channels and args.in_chans == 1:
+        raise SystemExit("error: --keep_channels keeps colour, which a 1-channel model cannot take; "
+                         "use --in_chans 3 or leave out --keep_channels")
+    common = dict(blur=blur, input_size=input_hw(args), in_chans=args.in_chans, strict=args.strict_data,
+                  keep_channels=args.keep_channels)
     splits = {}
     for split in ("train", "val"):
         folder = split_folder(root, split)
@@ -394,6 +401,8 @@ def main(args):
     train_loader = make_loader(train_set, args, train=True)
     val_loader = make_loader(val_set, args, train=False) if val_set is not None else None
     print(f"training images: {len(train_set)}; validation images: {len(val_set) if val_set else 0}")
+    if du.is_main_process():  # reads headers: once, not on every rank
+        print(train_set.start_report())  # non-image files left out, colour census and conversion
 
     loss_on = args.loss_on or ("all" if is_deblurring_model(args.model) else "masked")
     model = registry.create(args.model, img_size=input_hw(args), in_chans=args.in_chans,

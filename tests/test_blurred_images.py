@@ -217,3 +217,132 @@ def test_dicom_whose_png_name_is_taken_fails_instead_of_being_skipped(tmp_path):
     shutil.copy(single, src / "scan.dcm")
     summary = run(src, tmp_path / "dst")
     assert summary.written == 1 and summary.failed == ["scan.dcm"]
+
+
+# ------------------------------------------------------------------------------ outputs that are originals
+def tree_bytes(folder):
+    return {rel: (folder / rel).read_bytes() for rel in relative_files(folder)}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_destination_that_contains_the_source_is_refused_and_originals_kept(tmp_path, overwrite):
+    # dst = parent of src: the output of src/data/a.png is dst/data/a.png, which *is* the original
+    # src/a.png; without --overwrite it stood in as the blurred copy, with it it was replaced.
+    src = tmp_path / "data"
+    for rel in ["a.png", "data/a.png", "b/c.png"]:
+        save_png(src / rel, colour_image())
+    before = tree_bytes(src)
+    extra = ["--overwrite"] if overwrite else []
+    with pytest.raises(blurred_images.UsageError, match="contains the source folder"):
+        run(src, tmp_path, *extra)
+    assert tree_bytes(src) == before
+    result = run_cli("--src_dir", src, "--dst_dir", tmp_path, "--workers", 1, *extra)
+    assert result.returncode == 2 and f"--dst_dir {tmp_path} contains the source folder" in result.stderr
+    assert tree_bytes(src) == before and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_destination_folder_linked_into_the_source_is_refused(tmp_path, overwrite):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for rel in ["a/x.png", "b/y.png"]:
+        save_png(src / rel, colour_image())
+    dst.mkdir()
+    os.symlink(src / "b", dst / "b")  # dst/b/y.png would be written through the link onto src/b/y.png
+    before = tree_bytes(src)
+    extra = ["--overwrite"] if overwrite else []
+    result = run_cli("--src_dir", src, "--dst_dir", dst, "--workers", 1, *extra)
+    assert result.returncode == 2, result.stdout
+    assert f"the output folder {dst / 'b'} is the source folder {src / 'b'}" in result.stderr
+    assert "remove that link" in result.stderr and "Traceback" not in result.stderr
+    assert tree_bytes(src) == before
+    assert not (dst / "a").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("link", ["hard", "symbolic"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_existing_output_that_is_a_link_to_an_original_is_refused(tmp_path, link, overwrite):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for rel in ["a/x.png", "a/y.png"]:
+        save_png(src / rel, colour_image())
+    (dst / "a").mkdir(parents=True)
+    (os.link if link == "hard" else os.symlink)(src / "a/x.png", dst / "a/x.png")
+    before = tree_bytes(src)
+    extra = ["--overwrite"] if overwrite else []
+    with pytest.raises(blurred_images.UsageError, match=f"the output {dst / 'a/x.png'} is the source image "
+                                                        f"{src / 'a/x.png'}"):
+        run(src, dst, *extra)
+    assert tree_bytes(src) == before
+    assert not (dst / "a/y.png").exists()  # refused before anything was written
+
+
+def test_dicom_frame_output_hard_linked_to_an_original_is_refused(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    single = get_testdata_file("examples_rgb_color.dcm", download=False)
+    if single is None:
+        pytest.skip("pydicom's bundled example files are missing from this installation")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    save_png(src / "other.png", colour_image())
+    shutil.copy(single, src / "scan.dcm")
+    dst.mkdir()
+    os.link(src / "other.png", dst / "scan.png")  # would "already be" scan.dcm's blurred copy
+    with pytest.raises(blurred_images.UsageError, match="scan.png is the source image"):
+        run(src, dst)
+
+
+def test_unrelated_links_in_the_destination_are_fine(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    save_png(src / "a/x.png", colour_image())
+    (dst / "a").mkdir(parents=True)
+    os.symlink(src / "a/x.png", dst / "a/not_an_output.png")  # never written to: harmless
+    os.symlink(src, dst / "unused_link")
+    summary = run(src, dst)
+    assert summary.written == 1 and not summary.failed
+
+
+def test_dangling_link_in_the_source_is_reported_by_name(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    save_png(src / "a/x.png", colour_image())
+    os.symlink(src / "a/moved.png", src / "a/gone.png")
+    result = run_cli("--src_dir", src, "--dst_dir", dst, "--workers", 1)
+    assert result.returncode == 1 and "written 1, skipped 0 (already there), failed 1" in result.stdout
+    assert f"{src / 'a/gone.png'}: it is a symbolic link to {src / 'a/moved.png'}, which does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_dicom_without_extension_is_blurred_and_non_images_are_counted(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    single = get_testdata_file("examples_rgb_color.dcm", download=False)
+    cine = get_testdata_file("examples_ybr_color.dcm", download=False)
+    if single is None or cine is None:
+        pytest.skip("pydicom's bundled example files are missing from this installation")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "export/series1").mkdir(parents=True)
+    shutil.copy(single, src / "export/series1/IM000001")
+    shutil.copy(cine, src / "export/series1/IM000002")
+    save_png(src / "other/x.png", colour_image())
+    (src / "export/notes.txt").write_text("not an image")
+    (src / "export/DICOMDIR").write_bytes(b"\0" * 200)  # no preamble: not an image file
+    result = run_cli("--src_dir", src, "--dst_dir", dst, "--workers", 1)
+    assert result.returncode == 0, result.stderr
+    assert "2 file(s) in" in result.stdout and "are not images and are left out (e.g. export/DICOMDIR" in result.stdout
+    assert "written 32, skipped 0 (already there), failed 0; 2 non-image file(s) left out" in result.stdout
+    expected = ["export/series1/IM000001.png"] + [f"export/series1/IM000002_f{i:03d}.png" for i in range(30)]
+    assert relative_files(dst) == sorted(expected + ["other/x.png"])  # before: only other/x.png
+    from util.image_io import to_grey
+    assert np.array_equal(read_image(dst / "export/series1/IM000001.png"),
+                          BlurSpec().apply(to_grey(read_image(single)), key="export/series1/IM000001"))
+
+
+def test_dicom_without_extension_whose_png_name_is_taken_fails(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    single = get_testdata_file("examples_rgb_color.dcm", download=False)
+    if single is None:
+        pytest.skip("pydicom's bundled example files are missing from this installation")
+    src = tmp_path / "src"
+    save_png(src / "IM000001.png", colour_image())
+    shutil.copy(single, src / "IM000001")
+    summary = run(src, tmp_path / "dst")
+    assert summary.written == 1 and summary.failed == ["IM000001"]

@@ -76,7 +76,8 @@ def test_pixels_are_compact_and_normalise_like_float_inputs(tmp_path):
     ds = PretrainDataset(str(tmp_path / "a" / "train"), input_size=16, train=False)
     grey, _, _ = ds[0]
     assert grey.dtype == torch.uint8 and grey.shape == (1, 16, 16)  # 12x fewer bytes than RGB float
-    colour, _, _ = PretrainDataset(str(tmp_path / "c" / "train"), input_size=16, train=False)[0]
+    colour, _, _ = PretrainDataset(str(tmp_path / "c" / "train"), input_size=16, train=False,
+                                   keep_channels=True)[0]
     assert colour.dtype == torch.uint8 and colour.shape == (3, 16, 16)
     # the crop is resized as the published pipeline did it: PIL's bicubic on the uint8 image
     from PIL import Image
@@ -107,7 +108,7 @@ def test_on_the_fly_blur_equals_offline_copy(tmp_path, repo_root):
     for i in range(len(paired)):
         raw_paired, raw_online = paired.load_pair(i), online.load_pair(i)
         assert np.array_equal(raw_paired[0], raw_online[0])  # the blurred input, bit for bit
-        assert np.array_equal(raw_paired[1], raw_online[1])  # the sharp (colour) target
+        assert np.array_equal(raw_paired[1], raw_online[1])  # the sharp target, grey like the input
         assert torch.equal(paired[i][0], online[i][0])
 
 
@@ -189,3 +190,100 @@ def test_training_crops_match_the_published_pil_resize(tmp_path):
     deep = (img.astype(np.uint16) * 257)[:, :, None]  # 16-bit: float pixels in [0, 1]
     out = resize_box(deep, (0, 0, 300, 260), (64, 64))
     assert out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
+
+
+# ------------------------------------------------------------------------------ colour decided once per run
+def blurred_copy(repo_root, src, dst, *extra):
+    subprocess.run([sys.executable, os.path.join(repo_root, "blurred_images.py"), "--src_dir", str(src),
+                    "--dst_dir", str(dst), "--workers", "1", *extra], check=True, capture_output=True, cwd=repo_root)
+
+
+def colour_datasets(tmp_path, repo_root, keep_channels):
+    """The three modes over the same colour tree (paired: the copy made with the matching option)."""
+    orig = tmp_path / "orig"
+    if not orig.exists():
+        write_tree(orig, n=4, colour=True)
+    copy = tmp_path / ("blur_colour" if keep_channels else "blur_grey")
+    if not copy.exists():
+        blurred_copy(repo_root, orig, copy, *(["--keep_channels"] if keep_channels else []))
+    common = dict(input_size=32, train=False, keep_channels=keep_channels)
+    return {"vanilla": PretrainDataset(str(orig / "train"), **common),
+            "blur": PretrainDataset(str(orig / "train"), blur=BlurSpec(), **common),
+            "paired": PretrainDataset(str(copy / "train"), orig_root=str(orig / "train"), **common)}
+
+
+@pytest.mark.parametrize("keep_channels", [False, True])
+def test_colour_images_get_the_same_conversion_for_input_and_target_in_every_mode(tmp_path, repo_root,
+                                                                                  keep_channels):
+    from util.image_io import read_image, to_grey
+
+    datasets = colour_datasets(tmp_path, repo_root, keep_channels)
+    channels = 3 if keep_channels else 1
+    for mode, ds in datasets.items():
+        for i in range(len(ds)):
+            image, target = ds.load_pair(i)
+            original = read_image(ds.samples[i][1] or ds.samples[i][0])
+            expected_target = original if keep_channels else to_grey(original)[:, :, None]
+            assert image.shape[2] == channels, mode
+            if mode == "vanilla":
+                assert target is None and np.array_equal(image, expected_target)
+            else:  # before: a grey (blurred) input with a colour target, i.e. colourisation
+                assert target.shape == image.shape and np.array_equal(target, expected_target), mode
+            pixels, target_pixels, _ = ds[i]
+            assert pixels.shape[0] == channels and (target_pixels is None or target_pixels.shape == pixels.shape)
+    # on-the-fly and offline blur agree in both colour settings
+    for i in range(len(datasets["blur"])):
+        assert np.array_equal(datasets["blur"].load_pair(i)[0], datasets["paired"].load_pair(i)[0])
+
+
+def test_grey_copy_of_colour_originals_with_keep_channels_is_refused(tmp_path, repo_root):
+    write_tree(tmp_path / "orig", n=2, colour=True)
+    blurred_copy(repo_root, tmp_path / "orig", tmp_path / "grey_copy")
+    ds = PretrainDataset(str(tmp_path / "grey_copy" / "train"), orig_root=str(tmp_path / "orig" / "train"),
+                         input_size=32, keep_channels=True)
+    with pytest.raises(DatasetError, match="is grey but its original .* is colour.*--keep_channels"):
+        ds[0]
+    with pytest.raises(ValueError, match="1-channel model"):
+        PretrainDataset(str(tmp_path / "orig" / "train"), in_chans=1, keep_channels=True)
+
+
+def test_colour_report_counts_colour_images_and_states_the_conversion(tmp_path):
+    write_tree(tmp_path / "mixed", n=3, colour=True)
+    write_tree(tmp_path / "grey", n=2)
+    for path in (tmp_path / "grey" / "train").rglob("*.png"):
+        os.replace(path, tmp_path / "mixed" / "train" / path.parent.name / f"grey_{path.name}")
+    ds = PretrainDataset(str(tmp_path / "mixed" / "train"), input_size=32)
+    assert ds.start_report() == ("colour: 3 of 5 images are stored in colour; input and target both "
+                                  "converted to grey (--keep_channels keeps colour)")
+    keep = PretrainDataset(str(tmp_path / "mixed" / "train"), input_size=32, keep_channels=True)
+    assert keep.start_report().endswith("kept in colour for input and target alike (grey images stay grey)")
+    from util.datasets import colour_census
+    files = [s[0] for s in ds.samples]
+    colour, checked, total = colour_census(files, seed=0, max_files=2)
+    assert (checked, total) == (2, 5) and 0 <= colour <= 2
+
+
+def test_dicom_without_extension_is_indexed_paired_and_non_images_reported(tmp_path, repo_root):
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    cine = get_testdata_file("examples_ybr_color.dcm", download=False)
+    if cine is None:
+        pytest.skip("pydicom's bundled example files are missing from this installation")
+    write_tree(tmp_path / "orig", n=2)
+    shutil.copy(cine, tmp_path / "orig" / "train" / "c0" / "IM000001")
+    (tmp_path / "orig" / "train" / "c0" / "report.pdf").write_bytes(b"%PDF-1.4 not an image")
+    vanilla = PretrainDataset(str(tmp_path / "orig" / "train"), input_size=32)
+    assert len(vanilla) == 2 + 30  # every frame of the cine; before: the two PNGs only
+    assert vanilla.start_report().startswith(f"1 file(s) in {tmp_path / 'orig' / 'train'} are not images and "
+                                             "are left out (e.g. c0/report.pdf)")
+    blurred_copy(repo_root, tmp_path / "orig", tmp_path / "blur")
+    assert (tmp_path / "blur" / "train" / "c0" / "IM000001_f029.png").exists()
+    paired = PretrainDataset(str(tmp_path / "blur" / "train"), orig_root=str(tmp_path / "orig" / "train"),
+                             input_size=32)
+    online = PretrainDataset(str(tmp_path / "orig" / "train"), blur=BlurSpec(), input_size=32)
+    assert len(paired) == len(online) == 32
+    for i in (0, 5, 31):
+        assert np.array_equal(paired.load_pair(i)[0], online.load_pair(i)[0])
+        assert np.array_equal(paired.load_pair(i)[1], online.load_pair(i)[1])

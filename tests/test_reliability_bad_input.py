@@ -14,6 +14,7 @@ from PIL import Image
 
 import main_finetune
 import main_pretrain
+from util.blur import BlurSpec
 from util.checkpoint import save_checkpoint
 from util.cls_datasets import ClassificationDataset, build_transform
 from util.datasets import DatasetError, PretrainDataset, pixels_to_unit
@@ -165,6 +166,87 @@ def test_huge_image_loads_without_crash_and_with_bounded_memory(tmp_path):
         assert peak_rss_mib() - base < 2500
 
 
+def peak_over(action):
+    """Peak resident memory (MiB) above the current one while ``action`` runs; None off Linux."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS counter to the current RSS
+    except OSError:
+        action()
+        return None
+    start = peak_rss_mib()
+    action()
+    return peak_rss_mib() - start
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "blur", "finetune"])
+def test_16bit_colour_png_peak_memory_follows_its_size(tmp_path, mode):
+    """A 3000 x 3000 16-bit RGB PNG (51 MiB decoded, a few hundred KiB on disk): one sample may
+    cost about twice the decoded size (OpenCV's PNG decoder itself holds two copies: 103-131 MiB
+    measured), not the four to eight of 32/64-bit conversion copies (before: over 154 MiB with
+    blur, 206 MiB fine-tuning; a 12000 x 12000 scan peaked at 7.4 GB)."""
+    path = tmp_path / "train" / "a" / "big.png"
+    path.parent.mkdir(parents=True)
+    img = np.zeros((3000, 3000, 3), np.uint16)
+    img[::7] = 50000
+    img[:, ::5, 1] = 1234
+    cv2.imwrite(str(path), img)
+    decoded_mib = img.nbytes / 2**20
+    del img
+    if mode == "finetune":
+        ds = ClassificationDataset(str(tmp_path), "train", ["a"], transform=build_transform(
+            True, (32, 32), 3, (0.5,) * 3, (0.25,) * 3))
+    else:
+        ds = PretrainDataset(str(tmp_path / "train"), input_size=32,
+                             blur=BlurSpec() if mode == "blur" else None)
+    peak = peak_over(lambda: ds[0])
+    if peak is not None:
+        assert peak < 3 * decoded_mib, f"{peak} MiB for a {decoded_mib:.0f} MiB image"
+
+
+def bad_input_file(kind, folder):
+    """One file of ``kind`` in ``folder``; returns its name."""
+    from test_image_io import write_dicom, write_float_dicom
+
+    if kind == "dangling_link":
+        os.symlink(os.path.join(folder, "moved_away.png"), os.path.join(folder, "dangling.png"))
+        return "dangling.png"
+    if kind == "nan_float_dicom":
+        values = smooth((20, 24)).astype(np.float32)
+        values[3, 4] = np.nan
+        write_float_dicom(os.path.join(folder, "nan.dcm"), values)
+        return "nan.dcm"
+    # a 1-frame DICOM whose header declares 999,999,999 frames
+    import pydicom
+    write_dicom(os.path.join(folder, "lying.dcm"), smooth((20, 24)), "MONOCHROME2", 8)
+    ds = pydicom.dcmread(os.path.join(folder, "lying.dcm"))
+    ds.NumberOfFrames = 999_999_999
+    ds.save_as(os.path.join(folder, "lying.dcm"))
+    return "lying.dcm"
+
+
+@pytest.mark.parametrize("kind", ["dangling_link", "nan_float_dicom", "frames_beyond_pixel_data"])
+def test_dangling_links_nan_dicoms_and_lying_frame_counts_are_skipped_or_stop_strict(tmp_path, kind):
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    for i in range(2):
+        cv2.imwrite(str(folder / f"{i}.png"), smooth((40, 48)))
+    name = bad_input_file(kind, str(folder))
+    pre = PretrainDataset(str(tmp_path / "train"), input_size=32)
+    cls = ClassificationDataset(str(tmp_path), "train", ["a"])
+    assert len(pre) == len(cls) == 3  # one entry for the bad file, never one per declared frame
+    index = [i for i in range(3) if pre.samples[i][0].endswith(name)][0]
+    with pytest.warns(UserWarning, match=f"skipping {folder / name}: "):
+        image, _, skipped = pre[index]
+    assert skipped == 1 and pixels_to_unit(image).std() > 0  # the next readable image stands in
+    with pytest.warns(UserWarning, match=f"skipping {folder / name}: "):
+        assert cls[index] is None
+    for strict in (PretrainDataset(str(tmp_path / "train"), input_size=32, strict=True),
+                   ClassificationDataset(str(tmp_path), "train", ["a"], strict=True)):
+        with pytest.raises(DatasetError, match=f"cannot read image {folder / name}: .*--strict_data"):
+            strict[index]
+
+
 def test_missing_data_folder_names_it(tmp_path):
     message = error_of(main_pretrain.cli, pretrain_args(tmp_path / "nope", tmp_path / "out"))
     assert str(tmp_path / "nope") in message and "--data_path_blurred" in message
@@ -178,6 +260,52 @@ def test_blurred_copy_of_another_size_names_both_files(tmp_path):
     with pytest.raises(DatasetError, match=r"blur/train/a/x.png is 40x40 but its original .*orig/train/a/x.png is "
                                            r"48x40; re-create the blurred copy"):
         ds[0]
+
+
+# ------------------------------------------------------------------------------ colour decided once per run
+@pytest.fixture(scope="module")
+def colour_tree(tmp_path_factory):
+    """train/val/test, two classes, 3 colour (RGB) and 1 grey image per class folder."""
+    root = tmp_path_factory.mktemp("colour")
+    for split in ("train", "val", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(3):
+                img = smooth((40, 48, 3))
+                img[:, :, i] = 255 - img[:, :, i]  # real colour: the channels differ
+                cv2.imwrite(str(root / split / cls / f"{i}.png"), img)
+            cv2.imwrite(str(root / split / cls / "grey.png"), smooth((40, 48)))
+    (root / "val" / "a" / "notes.txt").write_text("not an image")
+    return root
+
+
+def all_channels_equal(img):
+    return np.array_equal(img[:, :, 0], img[:, :, 1]) and np.array_equal(img[:, :, 1], img[:, :, 2])
+
+
+@pytest.mark.parametrize("blur", [None, BlurSpec()])
+def test_finetune_inputs_follow_one_colour_decision_with_or_without_blur(colour_tree, blur):
+    grey = ClassificationDataset(str(colour_tree), "train", ["a", "b"], blur=blur)
+    colour = ClassificationDataset(str(colour_tree), "train", ["a", "b"], blur=blur, keep_channels=True)
+    for i in range(len(grey)):
+        g, c = grey.load_pixels(i), colour.load_pixels(i)
+        assert g.shape == c.shape and g.shape[2] == 3
+        assert all_channels_equal(g)  # grey, replicated for a 3-channel model
+        # before: colour without --blur but grey with it, so the two arms saw different images
+        assert all_channels_equal(c) == grey.sample_name(i).endswith("grey.png")
+
+
+def test_scripts_print_how_many_colour_images_and_the_conversion(colour_tree, tmp_path, capsys):
+    main_pretrain.cli(pretrain_args(colour_tree / "train", tmp_path / "pre", "--batch_size", "2"))
+    main_finetune.cli(finetune_args(colour_tree, tmp_path / "fine", "--keep_channels"))
+    out = capsys.readouterr().out
+    assert ("colour: 6 of 8 images are stored in colour; input and target both converted to grey "
+            "(--keep_channels keeps colour)") in out
+    assert "colour: 6 of 8 images are stored in colour; kept in colour for input and target alike" in out
+    assert f"1 file(s) in {colour_tree / 'val'} are not images and are left out (e.g. a/notes.txt)" in out
+    message = error_of(main_pretrain.cli, pretrain_args(colour_tree / "train", tmp_path / "x", "--in_chans", "1",
+                                                        "--keep_channels"))
+    assert "--keep_channels keeps colour, which a 1-channel model cannot take" in message
 
 
 # ------------------------------------------------------------------------------ class folders

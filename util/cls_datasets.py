@@ -4,9 +4,11 @@
   ``ImageFolder``), taken over all splits present so that a split missing one class keeps the same
   class indices. Images may sit at any depth below their class folder; a multi-frame DICOM gives one
   sample per frame.
-* Pixels: the file is read as grey or RGB, 8 or 16 bit (``util.image_io``); ``blur`` (the deblurring
-  arms) is applied to the grey image at its native bit depth, with the same key as
-  ``blurred_images.py`` uses for that file, so on-the-fly and offline blurring give the same input.
+* Pixels: the file is read as grey or RGB, 8 or 16 bit (``util.image_io``) and, as in pretraining,
+  converted to grey unless ``keep_channels`` keeps colour (one decision for the whole run, so the
+  arms with and without blur see the same kind of image); ``blur`` (the deblurring arms) is then
+  applied at the native bit depth, with the same key as ``blurred_images.py`` uses for that file, so
+  on-the-fly and offline blurring give the same input.
   The image is then reduced to 8 bits, because timm's RandAugment operates on 8-bit PIL images; the
   evaluation transform gets the same 8-bit image so training and evaluation see identical pixels.
 * Transforms: timm's ``create_transform`` -- RandomResizedCrop (bicubic), flip, RandAugment, random
@@ -35,8 +37,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from util.blur import BlurSpec, blur_key
-from util.datasets import DatasetError, dataset_mean_std, index_items, to_channels, to_unit_tensor
-from util.image_io import UnreadableImageError, is_dicom_file, is_image_file, read_image, to_grey
+from util.datasets import (DatasetError, colour_census, colour_report, dataset_mean_std, index_items, to_channels,
+                           to_unit_tensor)
+from util.image_io import UnreadableImageError, describe_not_images, is_dicom_file, is_image_file, read_image, to_grey
 
 SPLITS = ("train", "val", "test")
 RANDAUGMENT = "rand-m9-mstd0.5-inc1"
@@ -47,7 +50,8 @@ def class_folders(split_root: str) -> List[str]:
     """Visible sub-folders of one split folder; images lying directly in it are an error, because
     they have no class."""
     entries = sorted(os.listdir(split_root))
-    loose = [e for e in entries if os.path.isfile(os.path.join(split_root, e)) and is_image_file(e)]
+    loose = [e for e in entries if os.path.isfile(os.path.join(split_root, e))
+             and is_image_file(os.path.join(split_root, e))]
     if loose:
         raise DatasetError(f"{split_root} holds images outside class folders (e.g. {', '.join(loose[:3])}). "
                            f"Put every image in {split_root}/<class name>/, e.g. benign/ and malignant/.")
@@ -181,7 +185,14 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
     """uint16 -> uint8 with rounding (65535 -> 255); uint8 unchanged."""
     if img.dtype == np.uint8:
         return img
-    return ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    out = np.empty(img.shape, np.uint8)
+    # a band of rows at a time: the 32-bit sums of a large 16-bit scan would be 4x its size
+    for top in range(0, img.shape[0], 256):
+        band = img[top:top + 256].astype(np.uint32)
+        band += 128
+        band //= 257
+        out[top:top + 256] = band
+    return out
 
 
 def to_pil(img: np.ndarray) -> Image.Image:
@@ -210,11 +221,15 @@ def build_transform(train: bool, size: Tuple[int, int], in_chans: int, mean: Seq
 # ------------------------------------------------------------------------------ dataset
 class ClassificationDataset(Dataset):
     def __init__(self, root: str, split: str, class_names: Sequence[str], transform=None, *,
-                 blur: Optional[BlurSpec] = None, in_chans: int = 3, strict: bool = False):
+                 blur: Optional[BlurSpec] = None, in_chans: int = 3, strict: bool = False,
+                 keep_channels: bool = False):
+        if keep_channels and in_chans == 1:
+            raise ValueError("keep_channels keeps colour, which a 1-channel model cannot take; use in_chans=3")
         self.root, self.split = root, split
         self.split_root = os.path.join(root, split)
         self.class_names = list(class_names)
         self.transform, self.blur, self.in_chans, self.strict = transform, blur, in_chans, strict
+        self.keep_channels = keep_channels
         self.samples = self._index()
         self.groups = [s[0] for s in self.samples]  # by file until assign_groups says otherwise
         if not self.samples:
@@ -238,10 +253,12 @@ class ClassificationDataset(Dataset):
     def _index(self) -> List[Tuple[str, int, int, int]]:
         """(path relative to the split folder, frame, frame count, label) for every sample."""
         samples = []
+        self.not_images: List[str] = []  # files of the class folders that are not images, left out
         for label, name in enumerate(self.class_names):
             folder = os.path.join(self.split_root, name)
             if os.path.isdir(folder):
-                samples.extend((f"{name}/{rel}", frame, frames, label) for rel, frame, frames in index_items(folder))
+                samples.extend((f"{name}/{rel}", frame, frames, label)
+                               for rel, frame, frames in index_items(folder, self.not_images))
         return samples
 
     def __len__(self) -> int:
@@ -272,15 +289,27 @@ class ClassificationDataset(Dataset):
         counts = np.bincount(self.labels, minlength=len(self.class_names))
         return {name: int(c) for name, c in zip(self.class_names, counts)}
 
+    def start_report(self, colour: bool = True) -> str:
+        """What the scripts print at start about this split: the files left out as not images (if
+        any), and (``colour``) how many images are stored in colour with the conversion this run
+        applies."""
+        lines = [describe_not_images(self.not_images, self.split_root)]
+        if colour:
+            files = [os.path.join(self.split_root, s[0]) for s in self.samples]
+            lines.append(colour_report(colour_census(files), self.keep_channels, self.in_chans))
+        return "\n".join(filter(None, lines))
+
     def load_pixels(self, index: int) -> np.ndarray:
         """The model's input before the transform: H x W x in_chans uint8 (blurred when asked)."""
         rel, frame, frames, _ = self.samples[index]
         image = read_image(os.path.join(self.split_root, rel), frame)
+        if not self.keep_channels:
+            image = to_grey(image)
         if self.blur is not None:
             # key relative to the dataset root, as blurred_images.py run on that root would use
             key = blur_key(f"{self.split}/{rel}", frame if frames > 1 else None)
-            image = self.blur.apply(to_grey(image), key=key)
-        return to_uint8(to_channels(image, self.in_chans))
+            image = self.blur.apply(image, key=key)
+        return to_channels(to_uint8(image), self.in_chans)  # 8 bits first: grey is replicated after
 
     def __getitem__(self, index: int):
         try:

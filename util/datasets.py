@@ -2,11 +2,19 @@
 
 Modes
 * paired (published): the blurred input comes from ``blurred_root``, the sharp target from
-  ``orig_root``; files are paired by relative path (a DICOM original ``scan.dcm`` pairs with the PNG
-  ``scan.png`` / ``scan_f000.png`` ... that ``blurred_images.py`` writes for it);
+  ``orig_root``; files are paired by relative path (a DICOM original ``scan.dcm`` or ``IM000001``
+  pairs with the PNG ``scan.png`` / ``IM000001.png`` / ``scan_f000.png`` ... that ``blurred_images.py``
+  writes for it, see ``util.image_io.blurred_copy_names``);
 * on the fly: the input is ``blur.apply`` of the original at its native resolution, before the
   crop -- the same numbers the offline ``blurred_images.py`` copy holds, without that copy;
 * vanilla: input and target are the same image (``orig_root`` and ``blur`` both None).
+
+Colour is decided once per run and applied to input and target alike (``keep_channels``): by
+default every image is converted to grey right after decoding -- before the blur, and the sharp
+target too, as ``blurred_images.py`` makes its grey copy -- so a model is never asked to colourise
+a grey input. With ``keep_channels`` colour images stay colour in both (the blur then works per
+channel, as ``blurred_images.py --keep_channels``); grey images stay grey. ``start_report`` gives
+the line the scripts print about it at start.
 
 Every sample gets one RandomResizedCrop box and one flip decision, applied to both images. They
 are drawn from a generator seeded by (epoch seed, sample index): the sampler hands each index to the
@@ -39,7 +47,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from util.blur import BlurSpec, blur_key
-from util.image_io import UnreadableImageError, image_frames, list_images, read_image, to_grey
+from util.image_io import (UnreadableImageError, blurred_copy_names, describe_not_images, image_frames,
+                           is_dicom_file, list_images, read_image, scan_images, stored_in_colour, to_grey)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,7 +58,10 @@ CROP_RATIO = (3 / 4, 4 / 3)
 MAX_SUBSTITUTES = 16
 # Part of the decoded cache's key: raise it whenever decode_pair's output changes for the same files
 # and settings (a blur or channel conversion changed), so old caches are not read any more.
-DECODE_VERSION = 1
+# 2: colour converted to grey for input and target alike; header-checked DICOM frames, NaN floats.
+DECODE_VERSION = 2
+# Colour census at start: files whose header is read (all of them up to this many, else a sample).
+COLOUR_CENSUS_FILES = 2000
 
 
 class DatasetError(RuntimeError):
@@ -67,17 +79,14 @@ def split_folder(root: str, split: str) -> Optional[str]:
     return None
 
 
-def blurred_name(relative_path: str, frames: int) -> List[str]:
-    """Names ``blurred_images.py`` gives the blurred copy of a file (DICOM -> PNG, per frame)."""
-    from blurred_images import output_paths  # the writer owns its naming rule
-    return output_paths(relative_path, frames)
-
-
-def index_items(root: str) -> List[Tuple[str, int, int]]:
+def index_items(root: str, not_images: Optional[List[str]] = None) -> List[Tuple[str, int, int]]:
     """(relative path, frame, frame count) for every image below ``root``; a multi-frame DICOM
-    contributes each of its frames."""
+    contributes each of its frames. The paths of the other files met are added to ``not_images``."""
     items = []
-    for rel in list_images(root):
+    scan = scan_images(root)
+    if not_images is not None:
+        not_images.extend(os.path.join(root, rel) for rel in scan.not_images)
+    for rel in scan.images:
         try:
             frames = image_frames(os.path.join(root, rel))
         except UnreadableImageError:
@@ -88,7 +97,9 @@ def index_items(root: str) -> List[Tuple[str, int, int]]:
 
 def check_pairs(orig_root: str, orig_items, blurred_root: str) -> List[str]:
     """Blurred relative path for each original item; one clear error listing unpaired files."""
-    expected = [blurred_name(rel, frames)[frame] for rel, frame, frames in orig_items]
+    dicom = {rel: is_dicom_file(os.path.join(orig_root, rel)) for rel, _, _ in orig_items}
+    # the names blurred_images.py gives the blurred copies (DICOM -> PNG, per frame)
+    expected = [blurred_copy_names(rel, frames, dicom[rel])[frame] for rel, frame, frames in orig_items]
     present = set(list_images(blurred_root))
     missing = [e for e in expected if e not in present]
     extra = sorted(present - set(expected))
@@ -102,6 +113,37 @@ def check_pairs(orig_root: str, orig_items, blurred_root: str) -> List[str]:
                      "missing), or blur on the fly with --blur gaussian instead of --data_path_blurred.")
         raise DatasetError("\n".join(lines))
     return expected
+
+
+def colour_census(paths: Sequence[str], seed: int = 0, max_files: int = COLOUR_CENSUS_FILES) -> Tuple[int, int, int]:
+    """(colour files, files checked, files in all) over the distinct ``paths``, from headers only;
+    a large dataset is judged from a seeded sample of ``max_files``. Unreadable files are not counted
+    (they are reported when read)."""
+    files = sorted(set(paths))
+    chosen = files
+    if len(files) > max_files:
+        chosen = [files[i] for i in np.sort(np.random.default_rng(seed).permutation(len(files))[:max_files])]
+    colour = checked = 0
+    for path in chosen:
+        try:
+            colour += stored_in_colour(path)
+            checked += 1
+        except (UnreadableImageError, OSError):
+            continue
+    return colour, checked, len(files)
+
+
+def colour_report(census: Tuple[int, int, int], keep_channels: bool, in_chans: int) -> str:
+    """The one line the scripts print at start: how many colour images, what is done with them."""
+    colour, checked, total = census
+    where = f"of {checked} images" if checked == total else f"of {checked} images checked (a sample of {total})"
+    if keep_channels:
+        action = "kept in colour for input and target alike (grey images stay grey)"
+    elif in_chans == 1:
+        action = "input and target both converted to grey (1-channel model)"
+    else:
+        action = "input and target both converted to grey (--keep_channels keeps colour)"
+    return f"colour: {colour} {where} are stored in colour; {action}"
 
 
 def subset(items: list, num: Optional[int], seed: int) -> list:
@@ -199,9 +241,13 @@ def resize_box(img: np.ndarray, box, size: Tuple[int, int]) -> torch.Tensor:
     top, left, h, w = box
     crop = img[top:top + h, left:left + w]
     if crop.dtype != np.uint8:
-        unit = to_unit_tensor(crop).unsqueeze(0)
-        out = F.interpolate(unit, size=size, mode="bicubic", align_corners=False, antialias=True)
-        return out.squeeze(0).clamp_(0.0, 1.0)
+        # one channel at a time: the float copy of a crop that spans a large 16-bit colour scan is
+        # then one channel's (4 bytes a pixel), not three channels' (12 bytes a pixel)
+        channels = []
+        for c in range(crop.shape[2]):
+            unit = to_unit_tensor(crop[:, :, c:c + 1]).unsqueeze(0)
+            channels.append(F.interpolate(unit, size=size, mode="bicubic", align_corners=False, antialias=True))
+        return torch.cat(channels, dim=1).squeeze(0).clamp_(0.0, 1.0)
     # contiguous and writable (a copy when the source is a read-only decode or memory map); as
     # C x H x W it is channels-last, the layout the uint8 kernel wants
     chw = torch.from_numpy(np.require(crop, requirements=("C", "W"))).permute(2, 0, 1).unsqueeze(0)
@@ -228,15 +274,21 @@ def center_box(height: int, width: int, size: Tuple[int, int]) -> Tuple[int, int
 class PretrainDataset(Dataset):
     def __init__(self, root: str, *, orig_root: Optional[str] = None, blur: Optional[BlurSpec] = None,
                  input_size=224, in_chans: int = 3, train: bool = True, strict: bool = False,
-                 num_samples: Optional[int] = None, seed: int = 0):
+                 num_samples: Optional[int] = None, seed: int = 0, keep_channels: bool = False):
         """``root``: inputs (blurred copy in paired mode; originals otherwise).
-        ``orig_root``: originals in paired mode. ``blur``: on-the-fly blur of ``root``'s images."""
+        ``orig_root``: originals in paired mode. ``blur``: on-the-fly blur of ``root``'s images.
+        ``keep_channels``: keep colour images in colour, input and target (default: both grey)."""
         if orig_root is not None and blur is not None:
             raise ValueError("use either a blurred copy (orig_root) or on-the-fly blur, not both")
+        if keep_channels and in_chans == 1:
+            raise ValueError("keep_channels keeps colour, which a 1-channel model cannot take; use in_chans=3")
         self.size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         self.in_chans, self.train, self.strict, self.blur = in_chans, train, strict, blur
+        self.keep_channels, self.seed = keep_channels, seed
         index_root = orig_root or root
-        items = index_items(index_root)
+        self.index_root = index_root
+        self.not_images: List[str] = []  # files of the tree that are not images, left out
+        items = index_items(index_root, self.not_images)
         if not items:
             raise DatasetError(f"no images found under {index_root}. Expected image files (PNG, JPEG, "
                                "TIFF, BMP, DICOM, ...) in train/<class>/ and val/<class>/ folders or any "
@@ -253,23 +305,42 @@ class PretrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def start_report(self) -> str:
+        """What the scripts print at start about the data: the files left out as not images (if
+        any), and how many images (the sharp ones in paired mode) are stored in colour with the
+        conversion this run applies to input and target."""
+        files = [s[1] or s[0] for s in self.samples]
+        colour = colour_report(colour_census(files, self.seed), self.keep_channels, self.in_chans)
+        return "\n".join(filter(None, [describe_not_images(self.not_images, self.index_root), colour]))
+
     # ---------------------------------------------------------------- decoded arrays
+    def channels_of_run(self, img: np.ndarray) -> np.ndarray:
+        """The run's one colour decision, applied to every decoded image, input and target alike."""
+        return img if self.keep_channels else to_grey(img)
+
     def decode_pair(self, index: int):
         """(input, target) as H x W x C arrays decoded from the files; target None when it is the
         input itself."""
         input_path, orig_path, input_frame, rel, frame, frames = self.samples[index]
-        image = read_image(input_path, input_frame)
+        image = self.channels_of_run(read_image(input_path, input_frame))
         if self.blur is not None:
             key = blur_key(rel, frame if frames > 1 else None)
-            # grey before blurring, as blurred_images.py does, so both give the same input
-            blurred = self.blur.apply(to_grey(image), key=key)
+            # after the colour decision, as blurred_images.py does, so both give the same input
+            blurred = self.blur.apply(image, key=key)
             return model_channels(blurred, self.in_chans), model_channels(image, self.in_chans)
         if orig_path is not None:
-            target = read_image(orig_path, frame)
+            target = self.channels_of_run(read_image(orig_path, frame))
             if target.shape[:2] != image.shape[:2]:
                 raise DatasetError(f"{input_path} is {image.shape[1]}x{image.shape[0]} but its original "
                                    f"{orig_path} is {target.shape[1]}x{target.shape[0]}; re-create the "
                                    "blurred copy with blurred_images.py")
+            if image.ndim != target.ndim:  # only with keep_channels, e.g. a grey copy of a colour original
+                kinds = ("grey", "colour") if image.ndim == 2 else ("colour", "grey")
+                raise DatasetError(f"{input_path} is {kinds[0]} but its original {orig_path} is {kinds[1]}, and "
+                                   "--keep_channels keeps each image's colours: input and target would differ "
+                                   "in colour. Re-create the blurred copy from these originals with "
+                                   "blurred_images.py --keep_channels, or train without --keep_channels (input "
+                                   "and target then both grey).")
             return model_channels(image, self.in_chans), model_channels(target, self.in_chans)
         return model_channels(image, self.in_chans), None
 
@@ -285,7 +356,7 @@ class PretrainDataset(Dataset):
         sample_list = json.dumps([[s[0], s[1], s[2], s[4]] for s in self.samples]).encode()
         description = {"decode_version": DECODE_VERSION,
                        "blur": None if self.blur is None else repr(self.blur),
-                       "channels": "grey" if self.in_chans == 1 else "native",
+                       "channels": "native" if self.keep_channels else "grey",
                        "num_samples": len(self.samples),
                        "samples_sha256": hashlib.sha256(sample_list).hexdigest()}
         files = [[s[0]] + ([s[1]] if s[1] else []) for s in self.samples]
