@@ -119,6 +119,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "second folder alphabetically)")
     add_blur_arguments(p, prefix="blur_", method_flag="--blur", default_method=None)
     p.add_argument("--strict_data", action="store_true", help="stop at an unreadable image instead of skipping it")
+    p.add_argument("--keep_channels", action="store_true",
+                   help="keep colour images in colour (default: converted to grey, as in pretraining and "
+                        "fine-tuning); needs --in_chans 3")
     p.add_argument("--data_mean", type=float, nargs="+", default=None)
     p.add_argument("--data_std", type=float, nargs="+", default=None)
     p.add_argument("--num_workers", default=10, type=int)
