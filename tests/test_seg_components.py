@@ -182,6 +182,103 @@ def test_segmentor_checkpoint_backbone_is_accepted_as_pretrained(tmp_path, convm
         assert torch.equal(again.backbone.state_dict()[name], value), name
 
 
+# ------------------------------------------------------------------ checkpoints of the whole segmentor
+def test_checkpoint_that_does_not_fit_the_segmentor_is_refused_naming_its_kind(tmp_path,
+                                                                                convmae_checkpoint):
+    """tools/test.py, --load-from and --resume: a file of another kind or config stops the run with
+    how many weights match and what the file looks like (mmengine would load it non-strictly and
+    evaluate a randomly initialised segmentor)."""
+    from mmseg_custom.checkpoints import check_segmentor_checkpoint
+    from util.checkpoint import CheckpointError
+    from util.registry import finetune_models
+
+    segmentor = MODELS.build(tiny_cfg(DE_CONVMAE_TN3K, TINY_CONVVIT).model)
+    total = len(segmentor.state_dict())
+    classifier = finetune_models().create('convvit_tiny_patch16', num_classes=2, img_size=64)
+    other_config = MODELS.build(tiny_cfg(DE_MAE_TN3K, TINY_VIT).model)
+    candidates = {
+        'pretraining': ({'model': convmae_checkpoint[1]}, r'only 0 of .* an encoder pretraining '
+                        r'checkpoint .*model\.pretrained='),
+        'classification': ({'model': classifier.state_dict()}, r'only 0 of .* a classification '
+                           r'checkpoint .*model\.pretrained='),
+        'segmentation': ({'state_dict': other_config.state_dict(), 'meta': {}},
+                         r'only \d+ of .* a segmentation checkpoint of another config'),
+    }
+    for kind, (checkpoint, message) in candidates.items():
+        path = str(tmp_path / f'{kind}.pth')
+        with pytest.raises(CheckpointError, match=f'^{path}: {message}') as info:
+            check_segmentor_checkpoint(segmentor, checkpoint, path)
+        assert f'of the segmentor\'s {total} weights' in str(info.value)
+    # a segmentor of this config (DDP-prefixed as well) fits
+    check_segmentor_checkpoint(segmentor, {'state_dict': segmentor.state_dict()}, 'own.pth')
+    wrapped = {f'module.{k}': v for k, v in segmentor.state_dict().items()}
+    check_segmentor_checkpoint(segmentor, {'state_dict': wrapped}, 'own.pth')
+    # one weight of another shape is enough to refuse
+    reshaped = dict(segmentor.state_dict(), **{'decode_head.conv_seg.weight': torch.zeros(3, 16, 1, 1)})
+    with pytest.raises(CheckpointError, match=f'only {total - 1} of .* 1 of another shape'):
+        check_segmentor_checkpoint(segmentor, {'state_dict': reshaped}, 'three_classes.pth')
+
+
+def test_resume_without_a_file_stays_in_the_given_work_dir(tmp_path):
+    from mmseg_custom.checkpoints import resume_checkpoint
+    from util.checkpoint import CheckpointError
+
+    original, copy = tmp_path / 'original', tmp_path / 'copy'
+    for folder in (original, copy):
+        folder.mkdir()
+    assert resume_checkpoint(str(copy))[0] is None  # nothing recorded: a new run
+    (copy / 'last_checkpoint').write_text(str(copy / 'iter_4.pth'))
+    assert resume_checkpoint(str(copy))[0] == str(copy / 'iter_4.pth')
+    # a copied work dir still records the original's absolute path
+    (copy / 'last_checkpoint').write_text(str(original / 'iter_4.pth'))
+    with pytest.raises(CheckpointError, match=r'outside the work dir .*/copy/iter_4\.pth does not exist'):
+        resume_checkpoint(str(copy))
+    (copy / 'iter_4.pth').write_bytes(b'')
+    resumed, notes = resume_checkpoint(str(copy))
+    assert resumed == str(copy / 'iter_4.pth') and 'outside this work dir' in notes[0]
+
+
+def test_best_checkpoint_replaced_only_inside_the_work_dir(tmp_path):
+    from mmseg_custom.checkpoints import own_checkpoint
+
+    out_dir, elsewhere = tmp_path / 'run', tmp_path / 'other_run'
+    out_dir.mkdir()
+    elsewhere.mkdir()
+    inside = str(out_dir / 'best_mDice_iter_2.pth')
+    assert own_checkpoint(inside, str(out_dir), log=lambda _: None) == inside
+    outside = str(elsewhere / 'best_mDice_iter_2.pth')
+    assert own_checkpoint(outside, str(out_dir), log=lambda _: None) is None
+    (out_dir / 'best_mDice_iter_2.pth').write_bytes(b'')  # a copied work dir has its own
+    assert own_checkpoint(outside, str(out_dir), log=lambda _: None) == inside
+    linked = tmp_path / 'link'
+    os.symlink(elsewhere, linked)  # a link out of the work dir is outside as well
+    os.symlink(linked, out_dir / 'escape')
+    assert own_checkpoint(str(out_dir / 'escape' / 'x.pth'), str(out_dir), log=lambda _: None) is None
+
+
+def test_unreadable_resume_checkpoint_names_the_previous_intact_one(tmp_path):
+    from mmseg_custom.checkpoints import CheckpointFileError, load_from_local, unreadable_resume_message
+
+    intact = {'state_dict': {'w': torch.zeros(2)}, 'meta': {'iter': 1}}
+    torch.save(intact, tmp_path / 'iter_1.pth')
+    for name in ('iter_2.pth', 'iter_3.pth'):
+        torch.save(intact, tmp_path / name)
+        with open(tmp_path / name, 'r+b') as f:
+            f.truncate(200)  # a write cut short
+    latest = str(tmp_path / 'iter_3.pth')
+    with pytest.raises(CheckpointFileError, match='iter_3.pth: not a readable') as info:
+        load_from_local(latest, map_location='cpu')
+    assert info.value.path == latest
+    assert unreadable_resume_message(info.value).endswith(
+        f'The previous checkpoint {tmp_path / "iter_1.pth"} is intact: continue from it with '
+        f'--resume {tmp_path / "iter_1.pth"}')
+    os.remove(tmp_path / 'iter_1.pth')
+    torch.save({'state_dict': {'w': torch.zeros(2)}}, tmp_path / 'best_mDice_iter_1.pth')
+    assert unreadable_resume_message(info.value).endswith(
+        f'There is no earlier intact checkpoint in {tmp_path}; {tmp_path / "best_mDice_iter_1.pth"} '
+        'holds the best weights (no optimizer state): --load-from it starts a new schedule from them.')
+
+
 # ------------------------------------------------------------------ layer decay
 def test_layer_decay_groups_convvit_base_levels():
     cfg = tiny_cfg(DE_CONVMAE_TN3K, {'model.backbone.img_size': 64,

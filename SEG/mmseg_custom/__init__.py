@@ -6,7 +6,9 @@ Configs list this package in ``custom_imports`` (after ``mmseg_compat``); import
 * the optimizer-wrapper constructor ``LayerDecayOptimWrapperConstructor``;
 * the dataset ``UltrasoundNoduleDataset`` (alias ``USDataset``, the published type name);
 * the metric ``PerImageNoduleMetric`` (per-image Dice / IoU / HD95 written to JSON);
-* the hook ``NoduleOverlayHook`` (``--show-dir`` overlays).
+* the hook ``NoduleOverlayHook`` (``--show-dir`` overlays);
+* the checkpoint hooks ``WorkDirCheckpointHook`` and ``SegmentorCheckpointCheckHook``, and
+  ``util/checkpoint.py`` as mmengine's reader of local checkpoint files (``checkpoints.py``).
 
 The backbones reuse ``models_vit.py`` and ``util/`` from the repository root, one level above
 ``SEG/``; that folder is put on ``sys.path`` here so the configs work from any working directory.
@@ -22,6 +24,7 @@ for _path in (_SEG_DIR, _REPO_ROOT):
 
 import mmseg_compat  # noqa: E402,F401  (must precede the first mmseg import)
 
+from .checkpoints import SegmentorCheckpointCheckHook, WorkDirCheckpointHook  # noqa: E402
 from .convvit_backbone import ConvViTBackbone  # noqa: E402
 from .layer_decay import LayerDecayOptimWrapperConstructor  # noqa: E402
 from .nodule_metric import PerImageNoduleMetric  # noqa: E402
@@ -30,4 +33,5 @@ from .us_dataset import UltrasoundNoduleDataset  # noqa: E402
 from .vit_backbone import ViTBackbone  # noqa: E402
 
 __all__ = ['ConvViTBackbone', 'LayerDecayOptimWrapperConstructor', 'NoduleOverlayHook',
-           'PerImageNoduleMetric', 'UltrasoundNoduleDataset', 'ViTBackbone']
+           'PerImageNoduleMetric', 'SegmentorCheckpointCheckHook', 'UltrasoundNoduleDataset',
+           'ViTBackbone', 'WorkDirCheckpointHook']
