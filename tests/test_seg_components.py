@@ -279,6 +279,41 @@ def test_unreadable_resume_checkpoint_names_the_previous_intact_one(tmp_path):
         'holds the best weights (no optimizer state): --load-from it starts a new schedule from them.')
 
 
+# ------------------------------------------------------------------ class-weighted loss
+@pytest.mark.parametrize('avg_non_ignore', [False, True])
+def test_class_weighted_cross_entropy_with_ignored_pixels(avg_non_ignore):
+    """Padding (label 255) around a crop smaller than the model input, with class weights (the
+    demo configs weight the nodule x5): mmseg 1.2.2 raised IndexError: index 255 is out of bounds."""
+    import torch.nn.functional as F
+    from mmseg.models.losses import cross_entropy_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 4, 5)
+    label = torch.randint(0, 2, (2, 4, 5))
+    label[0, :, 3:] = 255  # a wide image padded at the right
+    label[1, 2:] = 255     # a tall one padded at the bottom
+    weights = [1.0, 5.0]
+    loss_fn = MODELS.build(dict(type='CrossEntropyLoss', class_weight=weights,
+                                avg_non_ignore=avg_non_ignore, loss_weight=1.0))
+    loss = loss_fn(logits, label, ignore_index=255)
+
+    valid = label != 255
+    w = torch.tensor(weights)
+    per_pixel = F.cross_entropy(logits, label, weight=w, ignore_index=255, reduction='none')
+    # padded pixels count as mmseg counts them without class weights: 1, or 0 with avg_non_ignore
+    denominator = w[label[valid]].sum() + (0 if avg_non_ignore else (~valid).sum())
+    assert loss.item() == pytest.approx((per_pixel.sum() / denominator).item(), rel=1e-5)
+    if avg_non_ignore:  # then it is PyTorch's own weighted mean
+        expected = F.cross_entropy(logits, label, weight=w, ignore_index=255)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    # without ignored pixels the result is mmseg's own
+    full = torch.randint(0, 2, (2, 4, 5))
+    mmseg_own = cross_entropy_loss.cross_entropy.__wrapped__(
+        logits, full, class_weight=w, ignore_index=255, avg_non_ignore=avg_non_ignore)
+    assert loss_fn(logits, full, ignore_index=255).item() == pytest.approx(mmseg_own.item(), rel=1e-6)
+
+
 # ------------------------------------------------------------------ layer decay
 def test_layer_decay_groups_convvit_base_levels():
     cfg = tiny_cfg(DE_CONVMAE_TN3K, {'model.backbone.img_size': 64,
@@ -489,17 +524,34 @@ def test_published_configs_keep_the_published_values(relative, data_dir, batch):
     assert 'tnui' in cfg.data_root if relative.endswith('tnui.py') else 'tn3k' in cfg.data_root
 
 
-def test_data_root_and_metric_files_reach_every_split():
+def _data_roots(overrides):
+    """Each split's data_root after ``--options`` ``overrides``, as the SEG tools resolve them."""
     cfg = Config.fromfile(DE_CONVMAE_TN3K)
-    cfg.merge_from_dict({'data_root': '/data/tn3k'})
-    propagate_data_root(cfg)
-    for key in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
-        assert cfg[key].dataset.data_root == '/data/tn3k'
+    cfg.merge_from_dict(overrides)
+    propagate_data_root(cfg, overrides)
+    return cfg, [cfg[f'{split}_dataloader'].dataset.data_root for split in ('train', 'val', 'test')]
+
+
+def test_data_root_and_metric_files_reach_every_split():
+    cfg, roots = _data_roots({'data_root': '/data/tn3k'})
+    assert roots == ['/data/tn3k'] * 3
     set_metric_output(cfg, '/runs/a')
     files = {key: [e.get('output_file') for e in cfg[key] if e.type == 'PerImageNoduleMetric']
              for key in ('val_evaluator', 'test_evaluator')}
     assert files == {'val_evaluator': ['/runs/a/per_image_metrics_val.json'],
                      'test_evaluator': ['/runs/a/per_image_metrics.json']}
+
+
+def test_a_split_data_root_given_on_the_command_line_is_kept():
+    """mmseg's own spelling (train_dataloader.dataset.data_root=...) was overwritten with the
+    config's top-level data_root."""
+    published = Config.fromfile(DE_CONVMAE_TN3K).data_root
+    _, roots = _data_roots({'train_dataloader.dataset.data_root': '/data/train_here'})
+    assert roots == ['/data/train_here', published, published]
+    _, roots = _data_roots({'data_root': '/data/tn3k', 'test_dataloader.dataset.data_root': '/data/ext'})
+    assert roots == ['/data/tn3k', '/data/tn3k', '/data/ext']
+    _, roots = _data_roots({})
+    assert roots == [published] * 3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU fallbacks')
