@@ -27,6 +27,7 @@ from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
+from util import distributed as du
 from util.checkpoint import CheckpointError
 from util.training import run_cli
 
@@ -50,8 +51,17 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 def run_tool(run, parser: argparse.ArgumentParser, argv=None) -> None:
     """Parse the command line and run ``run(args)``; an unusable checkpoint or dataset ends in one
-    message naming the file (as in the training scripts)."""
-    run_cli(run, parser, argv)
+    message naming the file (as in the training scripts).
+
+    The process group (which mmengine opens and never closes) is destroyed before the
+    interpreter exits: gloo's worker threads otherwise still hold work objects while Python shuts
+    down, and a process ended now and then in ``terminate called without an active exception``
+    (SIGABRT) after a complete run.
+    """
+    try:
+        run_cli(run, parser, argv)
+    finally:
+        du.cleanup()
 
 
 def existing_checkpoint(path: str, what: str) -> str:
