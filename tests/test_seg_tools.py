@@ -280,16 +280,18 @@ def test_resume_in_a_copied_work_dir_leaves_the_original_untouched(workspace, co
     assert _files(original) == before  # nothing in the original was removed, added or rewritten
 
 
-def _in_process(tool):
-    """``main`` of SEG/tools/<tool>.py, imported into this process."""
-    if '_paths' not in sys.modules:
-        spec = importlib.util.spec_from_file_location('_paths', os.path.join(SEG_DIR, 'tools', '_paths.py'))
-        sys.modules['_paths'] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules['_paths'])
-    spec = importlib.util.spec_from_file_location(f'seg_tools_{tool}', os.path.join(SEG_DIR, 'tools', f'{tool}.py'))
+def _import_tool_file(module_name, file_name):
+    spec = importlib.util.spec_from_file_location(module_name, os.path.join(SEG_DIR, 'tools', file_name))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    return module
+
+
+def _in_process(tool):
+    """``main`` of SEG/tools/<tool>.py, imported into this process."""
+    if '_paths' not in sys.modules:  # what the tools import first
+        sys.modules['_paths'] = _import_tool_file('_paths', '_paths.py')
+    return _import_tool_file(f'seg_tools_{tool}', f'{tool}.py').main
 
 
 def _refused(tool, workspace, config, *args):
