@@ -97,7 +97,8 @@ def unreadable_resume_message(err: CheckpointFileError) -> str:
         return (f'{err} The previous checkpoint {previous} is intact: continue from it with '
                 f'--resume {previous}')
     folder = osp.dirname(err.path) or '.'
-    best = [osp.join(folder, n) for n in os.listdir(folder) if n.startswith('best_') and n.endswith('.pth')]
+    best = [osp.join(folder, name) for name in os.listdir(folder)
+            if name.startswith('best_') and name.endswith('.pth')]
     hint = (f'; {max(best, key=osp.getmtime)} holds the best weights (no optimizer state): '
             f'--load-from it starts a new schedule from them') if best else ''
     return f'{err} There is no earlier intact checkpoint in {folder}{hint}.'
