@@ -305,9 +305,19 @@ def test_untrusted_pickle_is_still_refused(tmp_path, payload):
 
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, map_location='cpu', weights_only=True)
-    if TORCH_LOADS_WEIGHTS_ONLY_BY_DEFAULT:  # mmengine passes no weights_only: torch's default
-        with pytest.raises(pickle.UnpicklingError):
-            _load_checkpoint(path, map_location='cpu')
+    if TORCH_LOADS_WEIGHTS_ONLY_BY_DEFAULT:  # mmengine's reader passes no weights_only
         with pytest.raises(pickle.UnpicklingError):
             torch.load(path, map_location='cpu')
+    # mmengine's reader of local files: once mmseg_custom is imported (as every SEG config and
+    # tool does), util/checkpoint.py's, which refuses with its message; before, torch's default
+    from mmengine.runner.checkpoint import CheckpointLoader
+    from util.checkpoint import CheckpointError
+
+    project_reader = CheckpointLoader._get_checkpoint_loader(path).__module__ == 'mmseg_custom.checkpoints'
+    if project_reader:
+        with pytest.raises(CheckpointError, match=f'{path}: refused to load'):
+            _load_checkpoint(path, map_location='cpu')
+    elif TORCH_LOADS_WEIGHTS_ONLY_BY_DEFAULT:
+        with pytest.raises(pickle.UnpicklingError):
+            _load_checkpoint(path, map_location='cpu')
     assert not marker.exists()

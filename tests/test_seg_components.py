@@ -182,6 +182,138 @@ def test_segmentor_checkpoint_backbone_is_accepted_as_pretrained(tmp_path, convm
         assert torch.equal(again.backbone.state_dict()[name], value), name
 
 
+# ------------------------------------------------------------------ checkpoints of the whole segmentor
+def test_checkpoint_that_does_not_fit_the_segmentor_is_refused_naming_its_kind(tmp_path,
+                                                                                convmae_checkpoint):
+    """tools/test.py, --load-from and --resume: a file of another kind or config stops the run with
+    how many weights match and what the file looks like (mmengine would load it non-strictly and
+    evaluate a randomly initialised segmentor)."""
+    from mmseg_custom.checkpoints import check_segmentor_checkpoint
+    from util.checkpoint import CheckpointError
+    from util.registry import finetune_models
+
+    segmentor = MODELS.build(tiny_cfg(DE_CONVMAE_TN3K, TINY_CONVVIT).model)
+    total = len(segmentor.state_dict())
+    classifier = finetune_models().create('convvit_tiny_patch16', num_classes=2, img_size=64)
+    other_config = MODELS.build(tiny_cfg(DE_MAE_TN3K, TINY_VIT).model)
+    candidates = {
+        'pretraining': ({'model': convmae_checkpoint[1]}, r'only 0 of .* an encoder pretraining '
+                        r'checkpoint .*model\.pretrained='),
+        'classification': ({'model': classifier.state_dict()}, r'only 0 of .* a classification '
+                           r'checkpoint .*model\.pretrained='),
+        'segmentation': ({'state_dict': other_config.state_dict(), 'meta': {}},
+                         r'only \d+ of .* a segmentation checkpoint of another config'),
+    }
+    for kind, (checkpoint, message) in candidates.items():
+        path = str(tmp_path / f'{kind}.pth')
+        with pytest.raises(CheckpointError, match=f'^{path}: {message}') as info:
+            check_segmentor_checkpoint(segmentor, checkpoint, path)
+        assert f'of the segmentor\'s {total} weights' in str(info.value)
+    # a segmentor of this config (DDP-prefixed as well) fits
+    check_segmentor_checkpoint(segmentor, {'state_dict': segmentor.state_dict()}, 'own.pth')
+    wrapped = {f'module.{k}': v for k, v in segmentor.state_dict().items()}
+    check_segmentor_checkpoint(segmentor, {'state_dict': wrapped}, 'own.pth')
+    # one weight of another shape is enough to refuse
+    reshaped = dict(segmentor.state_dict(), **{'decode_head.conv_seg.weight': torch.zeros(3, 16, 1, 1)})
+    with pytest.raises(CheckpointError, match=f'only {total - 1} of .* 1 of another shape'):
+        check_segmentor_checkpoint(segmentor, {'state_dict': reshaped}, 'three_classes.pth')
+
+
+def test_resume_without_a_file_stays_in_the_given_work_dir(tmp_path):
+    from mmseg_custom.checkpoints import resume_checkpoint
+    from util.checkpoint import CheckpointError
+
+    original, copy = tmp_path / 'original', tmp_path / 'copy'
+    for folder in (original, copy):
+        folder.mkdir()
+    assert resume_checkpoint(str(copy))[0] is None  # nothing recorded: a new run
+    (copy / 'last_checkpoint').write_text(str(copy / 'iter_4.pth'))
+    assert resume_checkpoint(str(copy))[0] == str(copy / 'iter_4.pth')
+    # a copied work dir still records the original's absolute path
+    (copy / 'last_checkpoint').write_text(str(original / 'iter_4.pth'))
+    with pytest.raises(CheckpointError, match=r'outside the work dir .*/copy/iter_4\.pth does not exist'):
+        resume_checkpoint(str(copy))
+    (copy / 'iter_4.pth').write_bytes(b'')
+    resumed, notes = resume_checkpoint(str(copy))
+    assert resumed == str(copy / 'iter_4.pth') and 'outside this work dir' in notes[0]
+
+
+def test_best_checkpoint_replaced_only_inside_the_work_dir(tmp_path):
+    from mmseg_custom.checkpoints import own_checkpoint
+
+    out_dir, elsewhere = tmp_path / 'run', tmp_path / 'other_run'
+    out_dir.mkdir()
+    elsewhere.mkdir()
+    inside = str(out_dir / 'best_mDice_iter_2.pth')
+    assert own_checkpoint(inside, str(out_dir), log=lambda _: None) == inside
+    outside = str(elsewhere / 'best_mDice_iter_2.pth')
+    assert own_checkpoint(outside, str(out_dir), log=lambda _: None) is None
+    (out_dir / 'best_mDice_iter_2.pth').write_bytes(b'')  # a copied work dir has its own
+    assert own_checkpoint(outside, str(out_dir), log=lambda _: None) == inside
+    linked = tmp_path / 'link'
+    os.symlink(elsewhere, linked)  # a link out of the work dir is outside as well
+    os.symlink(linked, out_dir / 'escape')
+    assert own_checkpoint(str(out_dir / 'escape' / 'x.pth'), str(out_dir), log=lambda _: None) is None
+
+
+def test_unreadable_resume_checkpoint_names_the_previous_intact_one(tmp_path):
+    from mmseg_custom.checkpoints import CheckpointFileError, load_from_local, unreadable_resume_message
+
+    intact = {'state_dict': {'w': torch.zeros(2)}, 'meta': {'iter': 1}}
+    torch.save(intact, tmp_path / 'iter_1.pth')
+    for name in ('iter_2.pth', 'iter_3.pth'):
+        torch.save(intact, tmp_path / name)
+        with open(tmp_path / name, 'r+b') as f:
+            f.truncate(200)  # a write cut short
+    latest = str(tmp_path / 'iter_3.pth')
+    with pytest.raises(CheckpointFileError, match='iter_3.pth: not a readable') as info:
+        load_from_local(latest, map_location='cpu')
+    assert info.value.path == latest
+    assert unreadable_resume_message(info.value).endswith(
+        f'The previous checkpoint {tmp_path / "iter_1.pth"} is intact: continue from it with '
+        f'--resume {tmp_path / "iter_1.pth"}')
+    os.remove(tmp_path / 'iter_1.pth')
+    torch.save({'state_dict': {'w': torch.zeros(2)}}, tmp_path / 'best_mDice_iter_1.pth')
+    assert unreadable_resume_message(info.value).endswith(
+        f'There is no earlier intact checkpoint in {tmp_path}; {tmp_path / "best_mDice_iter_1.pth"} '
+        'holds the best weights (no optimizer state): --load-from it starts a new schedule from them.')
+
+
+# ------------------------------------------------------------------ class-weighted loss
+@pytest.mark.parametrize('avg_non_ignore', [False, True])
+def test_class_weighted_cross_entropy_with_ignored_pixels(avg_non_ignore):
+    """Padding (label 255) around a crop smaller than the model input, with class weights (the
+    demo configs weight the nodule x5): mmseg 1.2.2 raised IndexError: index 255 is out of bounds."""
+    import torch.nn.functional as F
+    from mmseg.models.losses import cross_entropy_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 4, 5)
+    label = torch.randint(0, 2, (2, 4, 5))
+    label[0, :, 3:] = 255  # a wide image padded at the right
+    label[1, 2:] = 255     # a tall one padded at the bottom
+    weights = [1.0, 5.0]
+    loss_fn = MODELS.build(dict(type='CrossEntropyLoss', class_weight=weights,
+                                avg_non_ignore=avg_non_ignore, loss_weight=1.0))
+    loss = loss_fn(logits, label, ignore_index=255)
+
+    valid = label != 255
+    w = torch.tensor(weights)
+    per_pixel = F.cross_entropy(logits, label, weight=w, ignore_index=255, reduction='none')
+    # padded pixels count as mmseg counts them without class weights: 1, or 0 with avg_non_ignore
+    denominator = w[label[valid]].sum() + (0 if avg_non_ignore else (~valid).sum())
+    assert loss.item() == pytest.approx((per_pixel.sum() / denominator).item(), rel=1e-5)
+    if avg_non_ignore:  # then it is PyTorch's own weighted mean
+        expected = F.cross_entropy(logits, label, weight=w, ignore_index=255)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    # without ignored pixels the result is mmseg's own
+    full = torch.randint(0, 2, (2, 4, 5))
+    mmseg_own = cross_entropy_loss.cross_entropy.__wrapped__(
+        logits, full, class_weight=w, ignore_index=255, avg_non_ignore=avg_non_ignore)
+    assert loss_fn(logits, full, ignore_index=255).item() == pytest.approx(mmseg_own.item(), rel=1e-6)
+
+
 # ------------------------------------------------------------------ layer decay
 def test_layer_decay_groups_convvit_base_levels():
     cfg = tiny_cfg(DE_CONVMAE_TN3K, {'model.backbone.img_size': 64,
@@ -392,17 +524,59 @@ def test_published_configs_keep_the_published_values(relative, data_dir, batch):
     assert 'tnui' in cfg.data_root if relative.endswith('tnui.py') else 'tn3k' in cfg.data_root
 
 
-def test_data_root_and_metric_files_reach_every_split():
+def _data_roots(overrides):
+    """Each split's data_root after ``--options`` ``overrides``, as the SEG tools resolve them."""
     cfg = Config.fromfile(DE_CONVMAE_TN3K)
-    cfg.merge_from_dict({'data_root': '/data/tn3k'})
-    propagate_data_root(cfg)
-    for key in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
-        assert cfg[key].dataset.data_root == '/data/tn3k'
+    cfg.merge_from_dict(overrides)
+    propagate_data_root(cfg, overrides)
+    return cfg, [cfg[f'{split}_dataloader'].dataset.data_root for split in ('train', 'val', 'test')]
+
+
+def test_data_root_and_metric_files_reach_every_split():
+    cfg, roots = _data_roots({'data_root': '/data/tn3k'})
+    assert roots == ['/data/tn3k'] * 3
     set_metric_output(cfg, '/runs/a')
     files = {key: [e.get('output_file') for e in cfg[key] if e.type == 'PerImageNoduleMetric']
              for key in ('val_evaluator', 'test_evaluator')}
     assert files == {'val_evaluator': ['/runs/a/per_image_metrics_val.json'],
                      'test_evaluator': ['/runs/a/per_image_metrics.json']}
+
+
+def test_a_split_data_root_given_on_the_command_line_is_kept():
+    """mmseg's own spelling (train_dataloader.dataset.data_root=...) was overwritten with the
+    config's top-level data_root."""
+    published = Config.fromfile(DE_CONVMAE_TN3K).data_root
+    _, roots = _data_roots({'train_dataloader.dataset.data_root': '/data/train_here'})
+    assert roots == ['/data/train_here', published, published]
+    _, roots = _data_roots({'data_root': '/data/tn3k', 'test_dataloader.dataset.data_root': '/data/ext'})
+    assert roots == ['/data/tn3k', '/data/tn3k', '/data/ext']
+    _, roots = _data_roots({})
+    assert roots == [published] * 3
+
+
+@pytest.mark.parametrize('fails', [False, True])
+def test_tools_close_the_process_group_at_the_end(tmp_path, fails):
+    """A gloo process group still open at interpreter exit ended 2-process runs now and then in
+    'terminate called without an active exception' (SIGABRT) after they had finished."""
+    import argparse
+
+    import torch.distributed as dist
+    from mmseg_custom.launch import run_tool
+    from util.checkpoint import CheckpointError
+
+    def run(args):  # what mmengine's Runner does in a tools/train.py or test.py run
+        dist.init_process_group('gloo', init_method=f'file://{tmp_path / "rendezvous"}', rank=0,
+                                world_size=1)
+        dist.all_reduce(torch.ones(1))
+        if fails:
+            raise CheckpointError('iter_2.pth: not a readable PyTorch checkpoint')
+
+    if fails:
+        with pytest.raises(SystemExit, match='error: iter_2.pth'):
+            run_tool(run, argparse.ArgumentParser(), [])
+    else:
+        run_tool(run, argparse.ArgumentParser(), [])
+    assert not dist.is_initialized()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU fallbacks')

@@ -1,7 +1,10 @@
 """SEG/tools end to end on CPU: train.py (2 iterations + validation), test.py (table, per-image
-metrics JSON, overlays), --resume, and dist_train.sh / dist_test.sh with one process. Tiny
-ConvViT and ViT backbones on 64x64 crops; configs inherit the real experiment configs, data made
-here. The tools run as the published commands do: from SEG/, in subprocesses."""
+metrics JSON, overlays), --resume (also in a copied work dir), and dist_train.sh / dist_test.sh
+with one process; checkpoints they must refuse. Tiny ConvViT and ViT backbones on 64x64 crops;
+configs inherit the real experiment configs, data made here. The tools run as the published
+commands do: from SEG/, in subprocesses; runs that must stop before training are called in this
+process (no start-up of a new interpreter and mmseg for each)."""
+import importlib.util
 import json
 import os
 import re
@@ -213,3 +216,140 @@ def test_dist_scripts_resume_and_test_with_one_process(workspace, convvit_run):
                    str(test_dir), '--options', f'data_root={workspace / "data"}'],
                   dict(PORT=_free_port()))
     _check_test_outputs(output, test_dir)
+
+
+# ------------------------------------------------------------------ image shapes
+def test_demo_config_trains_and_validates_on_non_square_images(tmp_path):
+    """The CPU demo config weights the nodule class; crops of wide and tall images are padded with
+    ignored pixels (label 255), on which mmseg's class-weighted loss failed (IndexError)."""
+    rng = np.random.default_rng(0)
+    for split in ('train', 'val'):
+        for folder in ('images_gaussian', 'masks'):
+            (tmp_path / 'data' / folder / split).mkdir(parents=True)
+        for i, (h, w) in enumerate([(96, 200), (200, 96)]):
+            mask = np.zeros((h, w), np.uint8)
+            mask[h // 3:h // 2, w // 3:w // 2] = 1
+            image = np.clip(rng.normal(70, 20, (h, w)) + 90 * mask, 0, 255).astype(np.uint8)
+            cv2.imwrite(str(tmp_path / 'data' / 'images_gaussian' / split / f'{i}.png'), image)
+            cv2.imwrite(str(tmp_path / 'data' / 'masks' / split / f'{i}.png'), mask)
+    _in_process('train')([os.path.join(CONFIGS, 'demo', 'upernet_de_mae_vit_tiny_synthetic_128.py'),
+                          '--work-dir', str(tmp_path / 'run'), '--launcher', 'none', '--options',
+                          f'data_root={tmp_path / "data"}', 'train_dataloader.batch_size=2',
+                          'train_cfg.max_iters=1', 'train_cfg.val_interval=1'])
+    logged = [json.loads(line) for scalars in (tmp_path / 'run').glob('*/vis_data/scalars.json')
+              for line in scalars.read_text().splitlines()]
+    assert [np.isfinite(r['loss']) for r in logged if 'loss' in r] == [True]
+    assert [0 <= r['mDice'] <= 100 for r in logged if 'mDice' in r] == [True]
+
+
+# ------------------------------------------------------------------ checkpoints and work dirs
+def _files(folder):
+    """path -> (size, mtime) of every file below ``folder``."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob('*') if p.is_file()}
+
+
+def _set_best_score(checkpoint, score):
+    if SEG_DIR not in sys.path:
+        sys.path.append(SEG_DIR)
+    import mmseg_compat  # noqa: F401  (lets torch read mmengine's message hub with weights_only)
+
+    state = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    state['message_hub']['runtime_info']['best_score'] = score
+    torch.save(state, checkpoint)
+
+
+def test_resume_in_a_copied_work_dir_leaves_the_original_untouched(workspace, convvit_run):
+    """mmengine records checkpoints by absolute path (last_checkpoint, the best checkpoint in the
+    message hub): a copy resumed from the original's checkpoint and, on a better score, deleted the
+    original's best checkpoint."""
+    original = convvit_run[0]
+    before = _files(original)
+    copy = workspace / 'run_copy'
+    shutil.copytree(original, copy)
+    # the copy's own checkpoint differs from the original's: any new score is a new best, so the
+    # previous best is replaced (and a resume from the original's file would not see this)
+    _set_best_score(copy / 'iter_2.pth', -1.0)
+    output = _train(workspace, 'tiny_convvit.py', copy, 'train_cfg.max_iters=3',
+                    'train_cfg.val_interval=3', '--resume')
+    assert f'continuing from {copy / "iter_2.pth"} instead' in output
+    assert f'Load checkpoint from {copy / "iter_2.pth"}' in output
+    assert re.search(r'Iter\(train\) \[3/3\]', output)
+    assert f'The previous best checkpoint {copy / "best_mDice_iter_2.pth"} is removed' in output
+    assert (copy / 'best_mDice_iter_3.pth').is_file() and not (copy / 'best_mDice_iter_2.pth').exists()
+    assert (copy / 'last_checkpoint').read_text() == str(copy / 'iter_3.pth')
+    assert _files(original) == before  # nothing in the original was removed, added or rewritten
+
+
+def _import_tool_file(module_name, file_name):
+    spec = importlib.util.spec_from_file_location(module_name, os.path.join(SEG_DIR, 'tools', file_name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _in_process(tool):
+    """``main`` of SEG/tools/<tool>.py, imported into this process."""
+    if '_paths' not in sys.modules:  # what the tools import first
+        sys.modules['_paths'] = _import_tool_file('_paths', '_paths.py')
+    return _import_tool_file(f'seg_tools_{tool}', f'{tool}.py').main
+
+
+def _refused(tool, workspace, config, *args):
+    """Run a SEG tool that must stop: its one-line message (SystemExit, no traceback)."""
+    with pytest.raises(SystemExit) as info:
+        _in_process(tool)([str(workspace / config), *map(str, args), '--launcher', 'none',
+                           '--options', f'data_root={workspace / "data"}'])
+    message = str(info.value)
+    assert message.startswith('error: ') and '\n' not in message
+    return message
+
+
+def test_test_py_refuses_a_segmentor_of_another_config_and_writes_no_metrics(workspace, convvit_run):
+    checkpoint = convvit_run[0] / 'iter_2.pth'  # ConvViT segmentor, evaluated with the ViT config
+    test_dir = workspace / 'test_wrong_config'
+    message = _refused('test', workspace, 'tiny_vit.py', checkpoint, '--work-dir', test_dir)
+    assert re.match(rf'error: {re.escape(str(checkpoint))}: only \d+ of the segmentor\'s \d+ '
+                    r'weights match .* a segmentation checkpoint of another config', message)
+    assert not (test_dir / 'per_image_metrics.json').exists()
+
+
+def test_load_from_an_encoder_checkpoint_is_refused_naming_its_kind(workspace, tmp_path):
+    message = _refused('train', workspace, 'tiny_convvit.py', '--load-from',
+                       workspace / 'dconvmae.pth', '--work-dir', tmp_path / 'run')
+    assert (f'{workspace / "dconvmae.pth"}: only 0 of the segmentor' in message
+            and 'encoder pretraining checkpoint' in message
+            and f'model.pretrained={workspace / "dconvmae.pth"}' in message)
+    assert not list((tmp_path / 'run').glob('iter_*.pth'))
+
+
+def test_resume_from_a_truncated_latest_checkpoint_names_the_previous_intact_one(
+        workspace, convvit_run, tmp_path):
+    work_dir = tmp_path / 'run'
+    work_dir.mkdir()
+    shutil.copy(convvit_run[0] / 'iter_2.pth', work_dir / 'iter_2.pth')
+    data = (convvit_run[0] / 'iter_2.pth').read_bytes()
+    (work_dir / 'iter_3.pth').write_bytes(data[:len(data) // 2])  # a write cut short
+    (work_dir / 'last_checkpoint').write_text(str(work_dir / 'iter_3.pth'))
+    message = _refused('train', workspace, 'tiny_convvit.py', '--resume', '--work-dir', work_dir)
+    assert message.startswith(f'error: {work_dir / "iter_3.pth"}: not a readable PyTorch checkpoint')
+    assert message.endswith(f'The previous checkpoint {work_dir / "iter_2.pth"} is intact: '
+                            f'continue from it with --resume {work_dir / "iter_2.pth"}')
+
+
+class _RunsCode:
+    marker = None
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+@pytest.mark.parametrize('entry', ['test.py', 'train.py --load-from', 'train.py --resume'])
+def test_checkpoint_whose_pickle_would_run_code_is_refused(entry, workspace, tmp_path):
+    _RunsCode.marker = str(tmp_path / 'code-ran')
+    evil = tmp_path / 'evil.pth'
+    torch.save({'state_dict': {'w': torch.zeros(1)}, 'meta': {'x': _RunsCode()}}, evil)
+    tool, *flag = entry.replace('.py', '').split()
+    message = _refused(tool, workspace, 'tiny_convvit.py', *flag, evil, '--work-dir', tmp_path / 'run')
+    assert message.startswith(f'error: {evil}: refused to load: the file pickles objects outside '
+                              'the safe allow-list')
+    assert not os.path.exists(_RunsCode.marker)

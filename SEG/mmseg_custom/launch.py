@@ -5,7 +5,11 @@ the command line and to the machine.
   ``--local-rank`` (old ``torch.distributed.launch``), ``--eval`` (test.py).
 * ``data_root`` given on the command line reaches every split: mmengine resolves a base config's
   ``data_root`` into each dataset when the file is read, so overriding only the top-level key
-  would change nothing.
+  would change nothing. A split's own ``data_root`` given on the command line
+  (``train_dataloader.dataset.data_root=...``, the mmseg way) is kept.
+* Checkpoints: mmengine's ``CheckpointHook`` becomes ``WorkDirCheckpointHook`` (never deletes
+  outside the work dir), and a checkpoint to load or resume is checked against the segmentor
+  (``mmseg_custom/checkpoints.py``).
 * Without a GPU the same config runs: AmpOptimWrapper (which asserts a GPU) becomes OptimWrapper,
   SyncBN becomes BN, distributed runs use gloo and an unpinned DDP wrapper. On a GPU without
   bf16 support, bf16 autocast becomes fp16 with loss scaling.
@@ -15,13 +19,17 @@ from __future__ import annotations
 import argparse
 import os
 import os.path as osp
-from typing import Iterable, List
+from typing import Iterable, List, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
 from mmengine.runner import Runner
+
+from util import distributed as du
+from util.checkpoint import CheckpointError
+from util.training import run_cli
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
 IOU_METRICS = ('mIoU', 'mDice', 'mFscore')
@@ -41,6 +49,28 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help='set by torch.distributed.launch; torchrun sets LOCAL_RANK instead')
 
 
+def run_tool(run, parser: argparse.ArgumentParser, argv=None) -> None:
+    """Parse the command line and run ``run(args)``; an unusable checkpoint or dataset ends in one
+    message naming the file (as in the training scripts).
+
+    The process group (which mmengine opens and never closes) is destroyed before the
+    interpreter exits: gloo's worker threads otherwise still hold work objects while Python shuts
+    down, and a process ended now and then in ``terminate called without an active exception``
+    (SIGABRT) after a complete run.
+    """
+    try:
+        run_cli(run, parser, argv)
+    finally:
+        du.cleanup()
+
+
+def existing_checkpoint(path: str, what: str) -> str:
+    if not osp.isfile(path):
+        raise CheckpointError(f'{what} {path}: checkpoint not found (relative paths are taken from '
+                              f'the current folder {os.getcwd()})')
+    return path
+
+
 def load_config(config_path: str, args: argparse.Namespace) -> Config:
     if not osp.isfile(config_path):
         raise FileNotFoundError(f'config {config_path} not found (relative paths are taken from '
@@ -53,7 +83,7 @@ def load_config(config_path: str, args: argparse.Namespace) -> Config:
     cfg.launcher = args.launcher
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
         'work_dirs', osp.splitext(osp.basename(config_path))[0])
-    propagate_data_root(cfg)
+    propagate_data_root(cfg, args.cfg_options)
     return cfg
 
 
@@ -62,12 +92,15 @@ def dataloader_keys(cfg: Config) -> List[str]:
             if isinstance(cfg.get(key), dict) and isinstance(cfg[key].get('dataset'), dict)]
 
 
-def propagate_data_root(cfg: Config) -> None:
-    """Give every split's dataset the top-level ``data_root`` (when the config has one)."""
-    if cfg.get('data_root') is None:
-        return
+def propagate_data_root(cfg: Config, overrides: Mapping) -> None:
+    """Give every split's dataset the top-level ``data_root`` when the command line set it
+    (``overrides``: the ``--options`` key/value pairs), except splits whose own ``data_root`` it
+    also set."""
+    if 'data_root' not in overrides:
+        return  # the config's own values are already resolved into each split
     for key in dataloader_keys(cfg):
-        cfg[key]['dataset']['data_root'] = cfg.data_root
+        if f'{key}.dataset.data_root' not in overrides:
+            cfg[key]['dataset']['data_root'] = overrides['data_root']
 
 
 def set_metric_output(cfg: Config, work_dir: str) -> None:
@@ -148,13 +181,25 @@ def init_distributed_without_gpu(cfg: Config) -> None:
         dist.init_process_group(backend='gloo')
 
 
-def build_runner(cfg: Config) -> Runner:
-    """The mmengine Runner for ``cfg`` fitted to this machine; what was changed for the machine is
-    logged through the runner's logger (which exists only once the runner does)."""
+def use_checkpoint_safeguards(cfg: Config) -> None:
+    """The work-dir-bound checkpoint hook, and a check of the checkpoint ``load_from`` names."""
+    checkpoint_hook = cfg.get('default_hooks', {}).get('checkpoint')
+    if checkpoint_hook is not None and checkpoint_hook.get('type') == 'CheckpointHook':
+        checkpoint_hook['type'] = 'WorkDirCheckpointHook'
+    if cfg.get('load_from'):
+        cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
+            dict(type='SegmentorCheckpointCheckHook', checkpoint=cfg.load_from)]
+
+
+def build_runner(cfg: Config, notes: Sequence[str] = ()) -> Runner:
+    """The mmengine Runner for ``cfg`` fitted to this machine; what was changed for the machine
+    (and ``notes``) is logged through the runner's logger (which exists only once the runner
+    does)."""
     changes = adapt_to_machine(cfg)
     set_metric_output(cfg, cfg.work_dir)
+    use_checkpoint_safeguards(cfg)
     init_distributed_without_gpu(cfg)
     runner = Runner.from_cfg(cfg)
-    for change in changes:
-        print_log(change, logger='current')
+    for line in [*changes, *notes]:
+        print_log(line, logger='current')
     return runner

@@ -8,14 +8,14 @@ Prints the per-class IoU / Acc / Dice table with aAcc, mIoU, mDice, and writes p
 Dice / IoU / HD95 to <work dir>/per_image_metrics.json. See SEG/README.md.
 """
 import argparse
-import os.path as osp
 
 import _paths  # noqa: F401  (sys.path and the mmcv/mmseg patches, before mmseg is imported)
 
-from mmseg_custom.launch import IOU_METRICS, add_common_args, add_iou_metrics, build_runner, load_config
+from mmseg_custom.launch import (IOU_METRICS, add_common_args, add_iou_metrics, build_runner,
+                                 existing_checkpoint, load_config, run_tool)
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description='Test a DeblurringMIM segmentor')
     parser.add_argument('config', help='config file used for training')
     parser.add_argument('checkpoint', help='checkpoint of the trained segmentor')
@@ -25,15 +25,13 @@ def parse_args(argv=None):
     parser.add_argument('--show-dir', help='write each test image with the ground-truth (green) '
                                            'and predicted (red) nodule outlines to this folder')
     add_common_args(parser)
-    return parser.parse_args(argv)
+    return parser
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if not osp.isfile(args.checkpoint):
-        raise FileNotFoundError(f'checkpoint {args.checkpoint} not found')
+def run(args):
+    checkpoint = existing_checkpoint(args.checkpoint, 'CHECKPOINT')
     cfg = load_config(args.config, args)
-    cfg.load_from = args.checkpoint
+    cfg.load_from = checkpoint
     cfg.resume = False
     if args.eval:
         add_iou_metrics(cfg, args.eval)
@@ -41,6 +39,10 @@ def main(argv=None):
         cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
             dict(type='NoduleOverlayHook', out_dir=args.show_dir)]
     build_runner(cfg).test()
+
+
+def main(argv=None):
+    run_tool(run, build_parser(), argv)
 
 
 if __name__ == '__main__':

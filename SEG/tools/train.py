@@ -7,14 +7,14 @@
 Multi-GPU: tools/dist_train.sh CONFIG GPUS [same options] (torchrun). See SEG/README.md.
 """
 import argparse
-import os.path as osp
 
 import _paths  # noqa: F401  (sys.path and the mmcv/mmseg patches, before mmseg is imported)
 
-from mmseg_custom.launch import add_common_args, build_runner, load_config
+from mmseg_custom.checkpoints import CheckpointFileError, resume_checkpoint, unreadable_resume_message
+from mmseg_custom.launch import add_common_args, build_runner, existing_checkpoint, load_config, run_tool
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description='Train a DeblurringMIM segmentor')
     parser.add_argument('config', help='config file, e.g. configs/de_convmae/'
                                        'upernet_de_convmae_us280k_base_gaussian_800_512_tn3k.py')
@@ -26,21 +26,34 @@ def parse_args(argv=None):
     parser.add_argument('--load-from', help='initialise the whole segmentor from a checkpoint '
                                             '(weights only; the schedule starts at 0)')
     add_common_args(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def run(args):
+    cfg = load_config(args.config, args)
+    notes = []
+    if args.load_from:
+        cfg.load_from = existing_checkpoint(args.load_from, '--load-from')
+    if args.resume == 'auto':
+        resume_from, notes = resume_checkpoint(cfg.work_dir)
+        cfg.resume = True  # without a checkpoint to resume, mmengine starts at iteration 0
+    elif args.resume:
+        resume_from = existing_checkpoint(args.resume, '--resume')
+    else:
+        resume_from = None
+    if resume_from:
+        cfg.resume, cfg.load_from = True, resume_from
+    runner = build_runner(cfg, notes)
+    try:
+        runner.train()
+    except CheckpointFileError as err:
+        if resume_from is None or err.path != resume_from:
+            raise
+        raise CheckpointFileError(unreadable_resume_message(err), err.path) from None
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    cfg = load_config(args.config, args)
-    if args.load_from:
-        cfg.load_from = args.load_from
-    if args.resume == 'auto':
-        cfg.resume = True  # mmengine finds the latest checkpoint in the work dir
-    elif args.resume:
-        if not osp.isfile(args.resume):
-            raise FileNotFoundError(f'--resume {args.resume}: checkpoint not found')
-        cfg.resume, cfg.load_from = True, args.resume
-    build_runner(cfg).train()
+    run_tool(run, build_parser(), argv)
 
 
 if __name__ == '__main__':

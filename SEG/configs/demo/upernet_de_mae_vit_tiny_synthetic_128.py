@@ -19,8 +19,9 @@ model = dict(
     test_cfg=dict(mode='slide', crop_size=crop_size, stride=(85, 85)))
 optim_wrapper = dict(optimizer=dict(lr=1e-3), paramwise_cfg=dict(num_layers=2))
 
-# Upscaling only (ratio >= 1): no crop is smaller than 128, so no padded (ignored) pixels, which
-# mmseg's class-weighted cross-entropy cannot handle.
+# Upscaling only (ratio >= 1): the 128x128 synthetic images give full 128x128 crops. Crops of
+# images of other shapes are padded with ignored pixels (label 255), which the class-weighted loss
+# leaves out (SEG/mmseg_custom/losses.py).
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations'),
