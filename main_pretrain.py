@@ -29,8 +29,9 @@ from util.fileio import check_writable
 from util.lr_decay import param_groups
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.registry import pretrain_models
-from util.training import (StopTraining, accumulate_backward, amp_dtype, append_log, check_nonfinite, epoch_seed,
-                            install_sigterm_handler, log_progress, plain_args, run_cli, step_optimizer)
+from util.training import (NonFiniteGuard, StopTraining, accumulate_backward, amp_dtype, append_log, epoch_seed,
+                            install_sigterm_handler, invalid_training_flags, log_progress, plain_args,
+                            refuse_invalid_flags, run_cli, step_optimizer)
 from util.visualize import panels_to_grid, reconstruction_panels, save_grid_png
 
 
@@ -102,6 +103,42 @@ def get_args_parser() -> argparse.ArgumentParser:
 def input_hw(args):
     size = args.input_size
     return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+
+
+def loss_region(args) -> str:
+    return args.loss_on or ("all" if is_deblurring_model(args.model) else "masked")
+
+
+def invalid_pretrain_flags(args) -> list:
+    """One message per pretraining flag whose value cannot train anything (before any work)."""
+    problems = [f"--{flag} {getattr(args, flag)}: must be at least {low}"
+                for flag, low in (("save_freq", 1), ("eval_freq", 1), ("keep_last", 0))
+                if getattr(args, flag) < low]
+    if len(args.input_size) not in (1, 2) or min(args.input_size) < 1:
+        problems.append(f"--input_size {' '.join(map(str, args.input_size))}: one positive number (square) "
+                        "or two (H W)")
+    return problems + invalid_mask_ratio(args)
+
+
+def invalid_mask_ratio(args) -> list:
+    """0 <= r < 1, at least one visible patch, and something to reconstruct: with r = 0 nothing is
+    masked, so a loss on the masked patches is 0 (or undefined) and only a deblurring model with the
+    loss on all patches still has a task (the sharp image from the blurred one)."""
+    r = args.mask_ratio
+    if not 0 <= r < 1:
+        return [f"--mask_ratio {r}: must be in [0, 1) (the fraction of patches hidden from the encoder)"]
+    if r == 0 and not (is_deblurring_model(args.model) and loss_region(args) == "all"):
+        return [f"--mask_ratio 0 with {args.model} (loss on {loss_region(args)} patches): nothing is masked, so "
+                "there is nothing to learn; use a ratio > 0 (published: 0.75), or a deblurring model (d*) "
+                "with the loss on all patches"]
+    patch = re.search(r"patch(\d+)", args.model)
+    if patch and len(args.input_size) in (1, 2) and min(args.input_size) >= 1:
+        h, w = input_hw(args)
+        num_patches = (h // int(patch.group(1))) * (w // int(patch.group(1)))
+        if num_patches and int(num_patches * (1 - r)) < 1:
+            return [f"--mask_ratio {r}: keeps no patch visible of the {num_patches} of a {h}x{w} input; "
+                    "lower it or use a larger --input_size"]
+    return []
 
 
 def resolve_data_mode(args):
@@ -183,10 +220,14 @@ def make_loader(dataset, args, train: bool):
     # generator, shifting the masks drawn from it in that epoch (and only in the epoch where the
     # persistent workers start, which differs between a resumed and an uninterrupted run).
     generator = torch.Generator().manual_seed(args.seed + du.get_rank())
-    return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-                      pin_memory=args.pin_mem and str(args.device).startswith("cuda"), drop_last=train,
-                      persistent_workers=train and args.num_workers > 0, collate_fn=collate_skip_bad,
-                      generator=generator, **worker_options(args.num_workers))
+    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+                        pin_memory=args.pin_mem and str(args.device).startswith("cuda"), drop_last=train,
+                        persistent_workers=train and args.num_workers > 0, collate_fn=collate_skip_bad,
+                        generator=generator, **worker_options(args.num_workers))
+    if train and len(loader) == 0:  # incomplete batches are dropped: not one step would run
+        raise SystemExit(f"{len(dataset)} training images make no full batch of --batch_size {args.batch_size} "
+                         f"per process x {du.get_world_size()} processes; lower --batch_size (or add images).")
+    return loader
 
 
 def start_epoch_data(loader, epoch: int, args) -> None:
@@ -267,7 +308,7 @@ def restore(model, optimizer, scaler, args):
 
 
 # ------------------------------------------------------------------------------ loops
-def train_one_epoch(model, loader, optimizer, scaler, epoch, args, norm, writer, stop_flag):
+def train_one_epoch(model, loader, optimizer, scaler, epoch, args, norm, writer, stop_flag, guard):
     model.train()
     device = args.device
     dtype = amp_dtype(args)
@@ -276,8 +317,7 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch, args, norm, writer,
     loss_sum = torch.zeros((), device=device)
     finite_steps = torch.zeros((), device=device)
     nonfinite = torch.zeros((), device=device)
-    consecutive_bad = torch.zeros((), device=device)
-    images, skipped, start = 0, 0, time.time()
+    images, skipped, start, steps_run = 0, 0, time.time(), 0
     fused_skip = bool(optimizer.defaults.get("fused")) and scaler is None
     interrupted = False
     optimizer.zero_grad(set_to_none=True)
@@ -295,7 +335,6 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch, args, norm, writer,
         finite = torch.isfinite(loss.detach())
         nonfinite += (~finite).float()
         finite_steps += finite.float()
-        consecutive_bad = (consecutive_bad + 1) * (~finite).float()
         loss_sum += torch.where(finite, loss.detach(), torch.zeros_like(loss.detach()))
         update = (it + 1) % args.accum_iter == 0
         accumulate_backward(model, loss, scaler, args, update)
@@ -303,8 +342,10 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch, args, norm, writer,
             step_optimizer(optimizer, scaler, finite, fused_skip)
             optimizer.zero_grad(set_to_none=True)
         images += inputs.shape[0]
+        steps_run += 1
+        guard.step(finite)
         if (it + 1) % args.print_freq == 0 or it + 1 == steps:
-            check_nonfinite(consecutive_bad, args)
+            guard.check()
             log_progress(epoch, it, steps, loss_sum / finite_steps.clamp_min(1), images, start, lr, writer, args)
         if stop_flag.get("stop"):
             interrupted = it + 1 < steps
@@ -313,6 +354,7 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch, args, norm, writer,
                           torch.tensor(float(skipped), device=device)])
     du.all_reduce_sum(totals)
     loss_total, good_steps, bad_total, images_total, skipped_total = totals.tolist()
+    guard.end_epoch(epoch, steps_run, good_steps)
     elapsed = time.time() - start
     return {"loss": loss_total / max(good_steps, 1), "lr": lr, "nonfinite_steps": int(bad_total),
             "skipped_files": int(skipped_total), "images_per_sec": images_total / max(elapsed, 1e-9),
@@ -370,6 +412,7 @@ def compiled(model, args):
 
 # ------------------------------------------------------------------------------ main
 def main(args):
+    refuse_invalid_flags(invalid_training_flags(args) + invalid_pretrain_flags(args))
     du.init_distributed(args)
     check_writable(args.output_dir)
     if str(args.device).startswith("cuda"):
@@ -395,7 +438,7 @@ def main(args):
     val_loader = make_loader(val_set, args, train=False) if val_set is not None else None
     print(f"training images: {len(train_set)}; validation images: {len(val_set) if val_set else 0}")
 
-    loss_on = args.loss_on or ("all" if is_deblurring_model(args.model) else "masked")
+    loss_on = loss_region(args)
     model = registry.create(args.model, img_size=input_hw(args), in_chans=args.in_chans,
                             norm_pix_loss=args.norm_pix_loss, loss_on=loss_on).to(args.device)
     dtype = amp_dtype(args)
@@ -419,10 +462,12 @@ def main(args):
 
     stop_flag = {}
     install_sigterm_handler(stop_flag)
+    guard = NonFiniteGuard(args.max_nonfinite, args.device, args.output_dir, args.distributed)
     for epoch in range(args.start_epoch, args.epochs):
         start_epoch_data(train_loader, epoch, args)
         try:
-            stats = train_one_epoch(train_model, train_loader, optimizer, scaler, epoch, args, norm, writer, stop_flag)
+            stats = train_one_epoch(train_model, train_loader, optimizer, scaler, epoch, args, norm, writer,
+                                    stop_flag, guard)
         except StopTraining as err:
             raise SystemExit(str(err))
         interrupted = stats.pop("interrupted")
