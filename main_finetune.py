@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from util import distributed as du
 from util.blur import add_blur_arguments, blur_spec_from_args
-from util.checkpoint import (FIRST_CONV_KEYS, CheckpointError, extract_state_dict, load_checkpoint_file,
-                             load_weights, save_checkpoint)
+from util.checkpoint import (FIRST_CONV_KEYS, CheckpointError, extract_state_dict, load_auto_resume_checkpoint,
+                             load_checkpoint_file, load_weights, save_checkpoint)
 from util.cls_datasets import (RANDAUGMENT, SPLITS, ClassificationDataset, build_transform, collate_labelled,
                                find_class_names, pixel_mean_std, resolve_class_names)
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD, DatasetError, worker_options
@@ -37,9 +37,9 @@ from util.lr_sched import adjust_learning_rate, effective_lr
 from util.metrics import (METRIC_NAMES, evaluate_and_write, evaluate_predictions, format_results_table,
                           gather_unique_predictions, resolve_pos_class)
 from util.registry import finetune_models
-from util.training import (NonFiniteGuard, StopTraining, accumulate_backward, amp_dtype, append_log, epoch_seed,
-                           install_sigterm_handler, invalid_training_flags, log_progress, plain_args,
-                           refuse_invalid_flags, run_cli, step_optimizer)
+from util.training import (NonFiniteGuard, StopTraining, accumulate_backward, amp_dtype, append_log,
+                           check_log_not_linked, epoch_seed, install_sigterm_handler, invalid_training_flags,
+                           log_progress, plain_args, refuse_invalid_flags, run_cli, step_optimizer)
 
 # --select_metric choices (published names) -> util.metrics names
 SELECT_METRICS = {"acc": "accuracy", "auc": "auroc", "f1": "f1", "balanced_acc": "balanced_accuracy"}
@@ -558,7 +558,10 @@ def prepare(args):
         raise SystemExit("--eval evaluates a fine-tuned model: pass it with --resume /path/to/checkpoint.pth")
     if args.finetune and args.resume_path:
         print(f"--resume {args.resume_path} given: --finetune {args.finetune} is not loaded")
-    resume_ckpt = load_checkpoint_file(args.resume_path) if args.resume_path else None
+    resume_ckpt = None
+    if args.resume_path:
+        load = load_checkpoint_file if args.resume else load_auto_resume_checkpoint
+        resume_ckpt = load(args.resume_path)
     finetune_ckpt = load_checkpoint_file(args.finetune) if args.finetune and not resume_ckpt else None
     recorded = recorded_args(resume_ckpt or finetune_ckpt)
     resolve_model_inputs(args, resume_ckpt or finetune_ckpt, recorded)
@@ -717,6 +720,7 @@ def main(args):
     refuse_invalid_flags(invalid_training_flags(args) + invalid_finetune_flags(args))
     du.init_distributed(args)
     check_writable(args.output_dir)
+    check_log_not_linked(args.output_dir)
     seed_everything(args.seed + du.get_rank())
     if str(args.device).startswith("cuda"):
         torch.backends.cudnn.benchmark = True

@@ -9,7 +9,6 @@ blur the originals on the fly, or vanilla models reading ``--data_path_blurred``
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import random
 import re
@@ -22,16 +21,17 @@ from torch.utils.data import DataLoader, DistributedSampler
 from models_mae import LOSS_REGIONS, is_deblurring_model
 from util import distributed as du
 from util.blur import add_blur_arguments, blur_spec_from_args
-from util.checkpoint import load_checkpoint_file, load_weights, save_checkpoint
+from util.checkpoint import (load_auto_resume_checkpoint, load_checkpoint_file, load_weights, numbered_checkpoints,
+                             save_checkpoint)
 from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, PixelNormaliser, PretrainDataset, SeededSampler,
                            collate_skip_bad, dataset_mean_std, split_folder, worker_options)
 from util.fileio import check_writable
 from util.lr_decay import param_groups
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.registry import pretrain_models
-from util.training import (NonFiniteGuard, StopTraining, accumulate_backward, amp_dtype, append_log, epoch_seed,
-                            install_sigterm_handler, invalid_training_flags, log_progress, plain_args,
-                            refuse_invalid_flags, run_cli, step_optimizer)
+from util.training import (NonFiniteGuard, StopTraining, accumulate_backward, amp_dtype, append_log,
+                            check_log_not_linked, epoch_seed, install_sigterm_handler, invalid_training_flags,
+                            log_progress, plain_args, refuse_invalid_flags, run_cli, step_optimizer)
 from util.visualize import panels_to_grid, reconstruction_panels, save_grid_png
 
 
@@ -272,12 +272,7 @@ def prune_checkpoints(out_dir, keep_last):
     """Delete the oldest numbered checkpoints beyond ``keep_last``: only regular files of ours."""
     if keep_last <= 0:
         return
-    numbered = []
-    for path in glob.glob(os.path.join(out_dir, "checkpoint-*.pth")):
-        match = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(path))
-        if match and os.path.isfile(path) and not os.path.islink(path):
-            numbered.append((int(match.group(1)), path))
-    for _, path in sorted(numbered)[:-keep_last]:
+    for _, path in numbered_checkpoints(out_dir)[:-keep_last]:
         os.remove(path)
 
 
@@ -294,7 +289,7 @@ def restore(model, optimizer, scaler, args):
     path = resume_path(args)
     if path is None:
         return
-    ckpt = load_checkpoint_file(path)
+    ckpt = load_checkpoint_file(path) if args.resume else load_auto_resume_checkpoint(path)
     report = load_weights(model, ckpt, allow_unexpected=False, source_name=path)
     print(f"resumed weights: {report}")
     if "optimizer" in ckpt and "epoch" in ckpt:
@@ -415,6 +410,7 @@ def main(args):
     refuse_invalid_flags(invalid_training_flags(args) + invalid_pretrain_flags(args))
     du.init_distributed(args)
     check_writable(args.output_dir)
+    check_log_not_linked(args.output_dir)
     if str(args.device).startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest convs
     seed = args.seed + du.get_rank()

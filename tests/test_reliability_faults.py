@@ -462,3 +462,32 @@ def test_kill_9_of_the_training_process_leaves_no_process_behind(workers, pre_da
         for pid, _ in session_processes(proc.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------ damaged checkpoint-last.pth
+def test_auto_resume_from_a_damaged_last_checkpoint_names_the_newest_intact_one(pre_data, tmp_path):
+    out = tmp_path / "out"
+    main_pretrain.cli(pretrain_args(pre_data, out, "--save_freq", "1", epochs=3))
+    last = out / "checkpoint-last.pth"
+    last.write_bytes(last.read_bytes()[:1000])  # e.g. a disk error, or a copy cut short
+    (out / "checkpoint-2.pth").write_bytes(b"\0" * 1000)
+    with pytest.raises(SystemExit) as info:
+        main_pretrain.cli(pretrain_args(pre_data, out, "--save_freq", "1", "--auto_resume", epochs=4))
+    intact = out / "checkpoint-1.pth"
+    assert f"{last}: not a readable PyTorch checkpoint (truncated or corrupt" in str(info.value)
+    assert (f"The newest intact numbered checkpoint is {intact}: continue from it with --resume {intact}"
+            in str(info.value))
+    # and that advice works: epochs 2 and 3 are trained from it
+    main_pretrain.cli(pretrain_args(pre_data, out, "--save_freq", "1", "--resume", str(intact), epochs=4))
+    assert [entry["epoch"] for entry in read_log(out)] == [0, 1, 2, 2, 3]
+    assert load_checkpoint_file(last)["epoch"] == 3
+
+
+def test_auto_resume_from_a_damaged_last_checkpoint_without_numbered_ones_says_so(cls_data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint-last.pth").write_bytes(os.urandom(1000))
+    with pytest.raises(SystemExit) as info:
+        main_finetune.cli(finetune_args(cls_data, out, "--auto_resume", epochs=1))
+    assert f"{out / 'checkpoint-last.pth'}: not a PyTorch checkpoint (truncated or corrupt" in str(info.value)
+    assert f"{out} holds no intact numbered checkpoint (checkpoint-N.pth)" in str(info.value)

@@ -6,6 +6,7 @@ non-finite stop rule, per-epoch seeding for exact resume, SIGTERM handling and t
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -194,8 +195,33 @@ def install_sigterm_handler(stop_flag):
     signal.signal(signal.SIGTERM, handler)
 
 
+LOG_FILE = "log.txt"
+
+
+def _linked_log(path: str) -> str:
+    return (f"error: {path} is a symbolic link (to {os.readlink(path)}): refusing to write the training log "
+            "through it, out of the output folder. Remove the link (or pass another --output_dir), then re-run "
+            "the same command with --auto_resume.")
+
+
+def check_log_not_linked(out_dir) -> None:
+    """At start-up: the log is appended to, which would follow a link out of the output folder
+    (checkpoints replace a link instead). Fail before any work rather than after the first epoch."""
+    path = os.path.join(out_dir, LOG_FILE)
+    if os.path.islink(path):
+        raise SystemExit(_linked_log(path))
+
+
 def append_log(out_dir, log, writer, epoch):
-    with open(os.path.join(out_dir, "log.txt"), "a") as f:
+    path = os.path.join(out_dir, LOG_FILE)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o666)  # O_NOFOLLOW: a link made after start-up is not followed either
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise SystemExit(_linked_log(path)) from None
+        raise
+    with os.fdopen(fd, "a") as f:
         f.write(json.dumps(log) + "\n")
     print(json.dumps(log))
     if writer is not None:
