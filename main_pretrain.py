@@ -109,18 +109,28 @@ def loss_region(args) -> str:
     return args.loss_on or ("all" if is_deblurring_model(args.model) else "masked")
 
 
+def patch_size_of(model_name: str):
+    """The patch size a model name states (``..._patch16``), None if it states none."""
+    match = re.search(r"patch(\d+)", model_name)
+    return int(match.group(1)) if match else None
+
+
 def invalid_pretrain_flags(args) -> list:
     """One message per pretraining flag whose value cannot train anything (before any work)."""
     problems = [f"--{flag} {getattr(args, flag)}: must be at least {low}"
                 for flag, low in (("save_freq", 1), ("eval_freq", 1), ("keep_last", 0))
                 if getattr(args, flag) < low]
+    size = " ".join(map(str, args.input_size))
+    patch = patch_size_of(args.model)
     if len(args.input_size) not in (1, 2) or min(args.input_size) < 1:
-        problems.append(f"--input_size {' '.join(map(str, args.input_size))}: one positive number (square) "
-                        "or two (H W)")
-    return problems + invalid_mask_ratio(args)
+        return problems + [f"--input_size {size}: one positive number (square) or two (H W)"]
+    if patch and any(side % patch for side in input_hw(args)):
+        # the model would refuse it too, but only after the data (and any --cache_dir) were prepared
+        return problems + [f"--input_size {size}: not divisible by the patch size {patch} of {args.model}"]
+    return problems + invalid_mask_ratio(args, patch)
 
 
-def invalid_mask_ratio(args) -> list:
+def invalid_mask_ratio(args, patch) -> list:
     """0 <= r < 1, at least one visible patch, and something to reconstruct: with r = 0 nothing is
     masked, so a loss on the masked patches is 0 (or undefined) and only a deblurring model with the
     loss on all patches still has a task (the sharp image from the blurred one)."""
@@ -131,11 +141,10 @@ def invalid_mask_ratio(args) -> list:
         return [f"--mask_ratio 0 with {args.model} (loss on {loss_region(args)} patches): nothing is masked, so "
                 "there is nothing to learn; use a ratio > 0 (published: 0.75), or a deblurring model (d*) "
                 "with the loss on all patches"]
-    patch = re.search(r"patch(\d+)", args.model)
-    if patch and len(args.input_size) in (1, 2) and min(args.input_size) >= 1:
+    if patch:
         h, w = input_hw(args)
-        num_patches = (h // int(patch.group(1))) * (w // int(patch.group(1)))
-        if num_patches and int(num_patches * (1 - r)) < 1:
+        num_patches = (h // patch) * (w // patch)
+        if int(num_patches * (1 - r)) < 1:
             return [f"--mask_ratio {r}: keeps no patch visible of the {num_patches} of a {h}x{w} input; "
                     "lower it or use a larger --input_size"]
     return []

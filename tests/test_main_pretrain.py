@@ -213,6 +213,7 @@ STD3 = ["--data_mean", "0.5", "0.5", "0.5", "--data_std"]
     (["--blur", "gaussian", "--blur_sigma", "0"], "dmae_vit_tiny_patch16", "gaussian blur needs sigma > 0"),
     (["--blur", "gaussian", "--blur_sigma", "1000"], "dmae_vit_tiny_patch16", "--blur_sigma 1000.0: at most 25"),
     (["--blur", "median", "--blur_kernel_size", "4"], "dmae_vit_tiny_patch16", "median blur needs an odd kernel"),
+    (["--input_size", "40", "32"], "dconvmae_convvit_tiny_patch16", "--input_size 40 32: not divisible by the patch"),
 ])
 def test_flags_that_cannot_train_are_refused_before_any_work(data, tmp_path, flags, model, expected):
     # each used to run (and exit 0 on a loss of 0 or NaN), hang, or end in a traceback

@@ -248,6 +248,16 @@ def plain_args(args) -> dict:
     return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
 
 
+def own_message(err: Exception) -> str:
+    """The message an error was raised with, also when a DataLoader worker raised it: torch re-raises
+    it in the training process as ``Caught DatasetError in DataLoader worker process 0. Original
+    Traceback ...``, the worker's whole traceback in place of the message."""
+    text = str(err)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        text = text.rsplit(f"{type(err).__name__}: ", 1)[-1]  # the traceback's last entry: the message
+    return text.strip()
+
+
 def run_cli(main, parser, argv=None) -> None:
     """Parse the command line and run ``main``; the failures a user can cause end in one message.
 
@@ -264,7 +274,7 @@ def run_cli(main, parser, argv=None) -> None:
     try:
         main(args)
     except (DatasetError, CheckpointError, CacheError) as err:
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {own_message(err)}")
     except Exception as err:
         if not (getattr(args, "distributed", False) and du.is_collective_failure(err)):
             raise
