@@ -132,8 +132,8 @@ class NonFiniteGuard:
 
 # Largest --blur_sigma accepted. OpenCV derives the Gaussian kernel from sigma (side about 6 sigma + 1
 # for 8-bit images, 8 sigma + 1 otherwise: 9 x 9 at the published 1.1). At 25 the kernel is 151 (201)
-# pixels wide and a 512 x 512 image takes about 0.07 s per blur on one core; at 100 it is about 1 s,
-# and at 1000 about 20 s, which no training run can afford per image. A sigma of 25 already wipes out
+# pixels wide and a 512 x 512 image takes 0.04 s (8-bit) to 0.07 s (16-bit) per blur on one core; at
+# 100 it is about 1 s, and at 1000 about 20 s, which no training run can afford per image. A sigma of 25 already wipes out
 # everything but the coarsest structure of an ultrasound image.
 MAX_BLUR_SIGMA = 25.0
 
