@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from util import distributed as du
 from util.blur import add_blur_arguments, blur_spec_from_args
-from util.checkpoint import (FIRST_CONV_KEYS, CheckpointError, extract_state_dict, load_checkpoint_file,
-                             load_weights, save_checkpoint)
+from util.checkpoint import (FIRST_CONV_KEYS, CheckpointError, extract_state_dict, load_auto_resume_checkpoint,
+                             load_checkpoint_file, load_weights, save_checkpoint)
 from util.cls_datasets import (GROUP_BY, RANDAUGMENT, SPLITS, ClassificationDataset, build_transform,
                                collate_labelled, find_class_names, pixel_mean_std, read_groups_csv,
                                resolve_class_names)
@@ -39,8 +39,9 @@ from util.lr_sched import adjust_learning_rate, effective_lr
 from util.metrics import (METRIC_NAMES, choose_threshold, evaluate_and_write, evaluate_predictions,
                           format_results_table, gather_unique_predictions, resolve_pos_class)
 from util.registry import finetune_models
-from util.training import (StopTraining, accumulate_backward, amp_dtype, append_log, check_nonfinite, epoch_seed,
-                           install_sigterm_handler, log_progress, plain_args, run_cli, step_optimizer)
+from util.training import (NonFiniteGuard, StopTraining, accumulate_backward, amp_dtype, append_log,
+                           check_log_not_linked, epoch_seed, install_sigterm_handler, invalid_training_flags,
+                           log_progress, plain_args, refuse_invalid_flags, run_cli, step_optimizer)
 
 # --select_metric choices (published names) -> util.metrics names
 SELECT_METRICS = {"acc": "accuracy", "auc": "auroc", "f1": "f1", "balanced_acc": "balanced_accuracy"}
@@ -407,16 +408,15 @@ def mix_batch(mixup_fn, images, labels):
     return mixup_fn(images[:even], labels[:even])
 
 
-def train_one_epoch(model, loader, optimizer, scaler, criterion, mixup_fn, epoch, args, writer, stop_flag):
+def train_one_epoch(model, loader, optimizer, scaler, criterion, mixup_fn, epoch, args, writer, stop_flag, guard):
     model.train()
     device = args.device
     steps = len(loader)
     # Running totals stay on the device; they are read (one sync) only at log intervals.
     loss_sum = torch.zeros((), device=device)
     finite_steps = torch.zeros((), device=device)
-    consecutive_bad = torch.zeros((), device=device)
     window_finite = torch.ones((), dtype=torch.bool, device=device)
-    images_seen, skipped, start, lr = 0, 0, time.time(), 0.0
+    images_seen, skipped, start, lr, steps_run = 0, 0, time.time(), 0.0, 0
     fused_skip = bool(optimizer.defaults.get("fused")) and scaler is None
     interrupted = False
     optimizer.zero_grad(set_to_none=True)
@@ -439,7 +439,6 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, mixup_fn, epoch
         # an update is skipped if any micro-batch of its accumulation window was non-finite
         window_finite &= finite
         finite_steps += finite.float()
-        consecutive_bad = (consecutive_bad + 1) * (~finite).float()
         loss_sum += torch.where(finite, loss.detach(), torch.zeros_like(loss.detach()))
         accumulate_backward(model, loss, scaler, args, update)
         if update:
@@ -448,8 +447,10 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, mixup_fn, epoch
             optimizer.zero_grad(set_to_none=True)
             window_finite = torch.ones((), dtype=torch.bool, device=device)
         images_seen += images.shape[0]
+        steps_run += 1
+        guard.step(finite)
         if (it + 1) % args.print_freq == 0 or it + 1 == steps:
-            check_nonfinite(consecutive_bad, args)
+            guard.check()
             log_progress(epoch, it, steps, loss_sum / finite_steps.clamp_min(1), images_seen, start, lr, writer, args)
         if stop_flag.get("stop"):
             interrupted = it + 1 < steps
@@ -457,6 +458,7 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, mixup_fn, epoch
     totals = torch.stack([loss_sum, finite_steps, torch.tensor(float(skipped), device=device)])
     du.all_reduce_sum(totals)
     loss_total, good_steps, skipped_total = totals.tolist()
+    guard.end_epoch(epoch, steps_run, good_steps)
     return {"loss": loss_total / max(good_steps, 1), "lr": lr, "skipped_files": int(skipped_total),
             "images_per_sec": images_seen * du.get_world_size() / max(time.time() - start, 1e-9),
             "interrupted": interrupted}
@@ -671,7 +673,10 @@ def prepare(args):
         raise SystemExit("--eval evaluates a fine-tuned model: pass it with --resume /path/to/checkpoint.pth")
     if args.finetune and args.resume_path:
         print(f"--resume {args.resume_path} given: --finetune {args.finetune} is not loaded")
-    resume_ckpt = load_checkpoint_file(args.resume_path) if args.resume_path else None
+    resume_ckpt = None
+    if args.resume_path:
+        load = load_checkpoint_file if args.resume else load_auto_resume_checkpoint
+        resume_ckpt = load(args.resume_path)
     finetune_ckpt = load_checkpoint_file(args.finetune) if args.finetune and not resume_ckpt else None
     recorded = recorded_args(resume_ckpt or finetune_ckpt)
     resolve_model_inputs(args, resume_ckpt or finetune_ckpt, recorded)
@@ -738,6 +743,7 @@ def run_training(model, datasets, class_names, pos_class, resume_ckpt, args) -> 
 
     stop_flag = {}
     install_sigterm_handler(stop_flag)
+    guard = NonFiniteGuard(args.max_nonfinite, args.device, args.output_dir, args.distributed)
     finished = True
     for epoch in range(args.start_epoch, args.epochs):
         if best and epoch - best["epoch"] > args.early_stops:
@@ -745,7 +751,7 @@ def run_training(model, datasets, class_names, pos_class, resume_ckpt, args) -> 
         start_epoch_data(train_loader, epoch, args)
         try:
             stats = train_one_epoch(train_model, train_loader, optimizer, scaler, criterion, mixup_fn, epoch,
-                                    args, writer, stop_flag)
+                                    args, writer, stop_flag, guard)
         except StopTraining as err:
             raise SystemExit(str(err))
         if stats.pop("interrupted"):
@@ -797,9 +803,37 @@ def evaluate_best(model, datasets, class_names, pos_class, best, args) -> None:
         append_log(args.output_dir, summary, None, 0)
 
 
+def invalid_finetune_flags(args) -> list:
+    """One message per fine-tuning flag whose value is out of its range (before any work)."""
+    problems = []
+    for flag, low, high in (("drop_path", 0, 1), ("smoothing", 0, 1)):  # [low, high)
+        value = getattr(args, flag)
+        if not low <= value < high:
+            problems.append(f"--{flag} {value}: must be in [{low}, {high})")
+    for flag in ("reprob", "mixup_prob", "mixup_switch_prob"):  # probabilities
+        value = getattr(args, flag)
+        if not 0 <= value <= 1:
+            problems.append(f"--{flag} {value}: must be in [0, 1]")
+    if not 0 < args.layer_decay <= 1:
+        problems.append(f"--layer_decay {args.layer_decay}: must be in (0, 1] (1: no decay)")
+    for flag in ("mixup", "cutmix"):
+        if not getattr(args, flag) >= 0:
+            problems.append(f"--{flag} {getattr(args, flag)}: must be >= 0 (0: off)")
+    if args.clip_grad is not None and not args.clip_grad > 0:
+        problems.append(f"--clip_grad {args.clip_grad}: must be > 0 (leave it out for no clipping)")
+    problems += [f"--{flag} {getattr(args, flag)}: must be at least 0"
+                 for flag in ("early_stops", "n_boot", "recount") if getattr(args, flag) < 0]
+    if args.input_size is not None and (len(args.input_size) not in (1, 2) or min(args.input_size) < 1):
+        problems.append(f"--input_size {' '.join(map(str, args.input_size))}: one positive number (square) "
+                        "or two (H W)")
+    return problems
+
+
 def main(args):
+    refuse_invalid_flags(invalid_training_flags(args) + invalid_finetune_flags(args))
     du.init_distributed(args)
     check_writable(args.output_dir)
+    check_log_not_linked(args.output_dir)
     seed_everything(args.seed + du.get_rank())
     if str(args.device).startswith("cuda"):
         torch.backends.cudnn.benchmark = True

@@ -9,7 +9,6 @@ blur the originals on the fly, or vanilla models reading ``--data_path_blurred``
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import random
 import re
@@ -22,15 +21,17 @@ from torch.utils.data import DataLoader, DistributedSampler
 from models_mae import LOSS_REGIONS, is_deblurring_model
 from util import distributed as du
 from util.blur import add_blur_arguments, blur_spec_from_args
-from util.checkpoint import load_checkpoint_file, load_weights, save_checkpoint
+from util.checkpoint import (load_auto_resume_checkpoint, load_checkpoint_file, load_weights, numbered_checkpoints,
+                             save_checkpoint)
 from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, PixelNormaliser, PretrainDataset, SeededSampler,
                            collate_skip_bad, dataset_mean_std, split_folder, worker_options)
 from util.fileio import check_writable
 from util.lr_decay import param_groups
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.registry import pretrain_models
-from util.training import (StopTraining, accumulate_backward, amp_dtype, append_log, check_nonfinite, epoch_seed,
-                            install_sigterm_handler, log_progress, plain_args, run_cli, step_optimizer)
+from util.training import (NonFiniteGuard, StopTraining, accumulate_backward, amp_dtype, append_log,
+                            check_log_not_linked, epoch_seed, install_sigterm_handler, invalid_training_flags,
+                            log_progress, plain_args, refuse_invalid_flags, run_cli, step_optimizer)
 from util.visualize import panels_to_grid, reconstruction_panels, save_grid_png
 
 
@@ -105,6 +106,51 @@ def get_args_parser() -> argparse.ArgumentParser:
 def input_hw(args):
     size = args.input_size
     return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+
+
+def loss_region(args) -> str:
+    return args.loss_on or ("all" if is_deblurring_model(args.model) else "masked")
+
+
+def patch_size_of(model_name: str):
+    """The patch size a model name states (``..._patch16``), None if it states none."""
+    match = re.search(r"patch(\d+)", model_name)
+    return int(match.group(1)) if match else None
+
+
+def invalid_pretrain_flags(args) -> list:
+    """One message per pretraining flag whose value cannot train anything (before any work)."""
+    problems = [f"--{flag} {getattr(args, flag)}: must be at least {low}"
+                for flag, low in (("save_freq", 1), ("eval_freq", 1), ("keep_last", 0))
+                if getattr(args, flag) < low]
+    size = " ".join(map(str, args.input_size))
+    patch = patch_size_of(args.model)
+    if len(args.input_size) not in (1, 2) or min(args.input_size) < 1:
+        return problems + [f"--input_size {size}: one positive number (square) or two (H W)"]
+    if patch and any(side % patch for side in input_hw(args)):
+        # the model would refuse it too, but only after the data (and any --cache_dir) were prepared
+        return problems + [f"--input_size {size}: not divisible by the patch size {patch} of {args.model}"]
+    return problems + invalid_mask_ratio(args, patch)
+
+
+def invalid_mask_ratio(args, patch) -> list:
+    """0 <= r < 1, at least one visible patch, and something to reconstruct: with r = 0 nothing is
+    masked, so a loss on the masked patches is 0 (or undefined) and only a deblurring model with the
+    loss on all patches still has a task (the sharp image from the blurred one)."""
+    r = args.mask_ratio
+    if not 0 <= r < 1:
+        return [f"--mask_ratio {r}: must be in [0, 1) (the fraction of patches hidden from the encoder)"]
+    if r == 0 and not (is_deblurring_model(args.model) and loss_region(args) == "all"):
+        return [f"--mask_ratio 0 with {args.model} (loss on {loss_region(args)} patches): nothing is masked, so "
+                "there is nothing to learn; use a ratio > 0 (published: 0.75), or a deblurring model (d*) "
+                "with the loss on all patches"]
+    if patch:
+        h, w = input_hw(args)
+        num_patches = (h // patch) * (w // patch)
+        if int(num_patches * (1 - r)) < 1:
+            return [f"--mask_ratio {r}: keeps no patch visible of the {num_patches} of a {h}x{w} input; "
+                    "lower it or use a larger --input_size"]
+    return []
 
 
 def resolve_data_mode(args):
@@ -190,10 +236,14 @@ def make_loader(dataset, args, train: bool):
     # generator, shifting the masks drawn from it in that epoch (and only in the epoch where the
     # persistent workers start, which differs between a resumed and an uninterrupted run).
     generator = torch.Generator().manual_seed(args.seed + du.get_rank())
-    return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-                      pin_memory=args.pin_mem and str(args.device).startswith("cuda"), drop_last=train,
-                      persistent_workers=train and args.num_workers > 0, collate_fn=collate_skip_bad,
-                      generator=generator, **worker_options(args.num_workers))
+    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+                        pin_memory=args.pin_mem and str(args.device).startswith("cuda"), drop_last=train,
+                        persistent_workers=train and args.num_workers > 0, collate_fn=collate_skip_bad,
+                        generator=generator, **worker_options(args.num_workers))
+    if train and len(loader) == 0:  # incomplete batches are dropped: not one step would run
+        raise SystemExit(f"{len(dataset)} training images make no full batch of --batch_size {args.batch_size} "
+                         f"per process x {du.get_world_size()} processes; lower --batch_size (or add images).")
+    return loader
 
 
 def start_epoch_data(loader, epoch: int, args) -> None:
@@ -238,12 +288,7 @@ def prune_checkpoints(out_dir, keep_last):
     """Delete the oldest numbered checkpoints beyond ``keep_last``: only regular files of ours."""
     if keep_last <= 0:
         return
-    numbered = []
-    for path in glob.glob(os.path.join(out_dir, "checkpoint-*.pth")):
-        match = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(path))
-        if match and os.path.isfile(path) and not os.path.islink(path):
-            numbered.append((int(match.group(1)), path))
-    for _, path in sorted(numbered)[:-keep_last]:
+    for _, path in numbered_checkpoints(out_dir)[:-keep_last]:
         os.remove(path)
 
 
@@ -260,7 +305,7 @@ def restore(model, optimizer, scaler, args):
     path = resume_path(args)
     if path is None:
         return
-    ckpt = load_checkpoint_file(path)
+    ckpt = load_checkpoint_file(path) if args.resume else load_auto_resume_checkpoint(path)
     report = load_weights(model, ckpt, allow_unexpected=False, source_name=path)
     print(f"resumed weights: {report}")
     if "optimizer" in ckpt and "epoch" in ckpt:
@@ -274,7 +319,7 @@ def restore(model, optimizer, scaler, args):
 
 
 # ------------------------------------------------------------------------------ loops
-def train_one_epoch(model, loader, optimizer, scaler, epoch, args, norm, writer, stop_flag):
+def train_one_epoch(model, loader, optimizer, scaler, epoch, args, norm, writer, stop_flag, guard):
     model.train()
     device = args.device
     dtype = amp_dtype(args)
@@ -283,8 +328,7 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch, args, norm, writer,
     loss_sum = torch.zeros((), device=device)
     finite_steps = torch.zeros((), device=device)
     nonfinite = torch.zeros((), device=device)
-    consecutive_bad = torch.zeros((), device=device)
-    images, skipped, start = 0, 0, time.time()
+    images, skipped, start, steps_run = 0, 0, time.time(), 0
     fused_skip = bool(optimizer.defaults.get("fused")) and scaler is None
     interrupted = False
     optimizer.zero_grad(set_to_none=True)
@@ -302,7 +346,6 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch, args, norm, writer,
         finite = torch.isfinite(loss.detach())
         nonfinite += (~finite).float()
         finite_steps += finite.float()
-        consecutive_bad = (consecutive_bad + 1) * (~finite).float()
         loss_sum += torch.where(finite, loss.detach(), torch.zeros_like(loss.detach()))
         update = (it + 1) % args.accum_iter == 0
         accumulate_backward(model, loss, scaler, args, update)
@@ -310,8 +353,10 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch, args, norm, writer,
             step_optimizer(optimizer, scaler, finite, fused_skip)
             optimizer.zero_grad(set_to_none=True)
         images += inputs.shape[0]
+        steps_run += 1
+        guard.step(finite)
         if (it + 1) % args.print_freq == 0 or it + 1 == steps:
-            check_nonfinite(consecutive_bad, args)
+            guard.check()
             log_progress(epoch, it, steps, loss_sum / finite_steps.clamp_min(1), images, start, lr, writer, args)
         if stop_flag.get("stop"):
             interrupted = it + 1 < steps
@@ -320,6 +365,7 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch, args, norm, writer,
                           torch.tensor(float(skipped), device=device)])
     du.all_reduce_sum(totals)
     loss_total, good_steps, bad_total, images_total, skipped_total = totals.tolist()
+    guard.end_epoch(epoch, steps_run, good_steps)
     elapsed = time.time() - start
     return {"loss": loss_total / max(good_steps, 1), "lr": lr, "nonfinite_steps": int(bad_total),
             "skipped_files": int(skipped_total), "images_per_sec": images_total / max(elapsed, 1e-9),
@@ -377,8 +423,10 @@ def compiled(model, args):
 
 # ------------------------------------------------------------------------------ main
 def main(args):
+    refuse_invalid_flags(invalid_training_flags(args) + invalid_pretrain_flags(args))
     du.init_distributed(args)
     check_writable(args.output_dir)
+    check_log_not_linked(args.output_dir)
     if str(args.device).startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest convs
     seed = args.seed + du.get_rank()
@@ -404,7 +452,7 @@ def main(args):
     if du.is_main_process():  # reads headers: once, not on every rank
         print(train_set.start_report())  # non-image files left out, colour census and conversion
 
-    loss_on = args.loss_on or ("all" if is_deblurring_model(args.model) else "masked")
+    loss_on = loss_region(args)
     model = registry.create(args.model, img_size=input_hw(args), in_chans=args.in_chans,
                             norm_pix_loss=args.norm_pix_loss, loss_on=loss_on).to(args.device)
     dtype = amp_dtype(args)
@@ -428,10 +476,12 @@ def main(args):
 
     stop_flag = {}
     install_sigterm_handler(stop_flag)
+    guard = NonFiniteGuard(args.max_nonfinite, args.device, args.output_dir, args.distributed)
     for epoch in range(args.start_epoch, args.epochs):
         start_epoch_data(train_loader, epoch, args)
         try:
-            stats = train_one_epoch(train_model, train_loader, optimizer, scaler, epoch, args, norm, writer, stop_flag)
+            stats = train_one_epoch(train_model, train_loader, optimizer, scaler, epoch, args, norm, writer,
+                                    stop_flag, guard)
         except StopTraining as err:
             raise SystemExit(str(err))
         interrupted = stats.pop("interrupted")

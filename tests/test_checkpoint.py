@@ -6,6 +6,7 @@ The published parameter layouts are written out here from the documented archite
 import argparse
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -198,6 +199,27 @@ def test_truncated_and_missing_files(tmp_path):
         load_checkpoint_file(tmp_path / "nope.pth")
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_random_bytes_are_not_a_checkpoint_and_not_called_unsafe(tmp_path, seed):
+    # random bytes used to be "refused ... would run arbitrary code", or a bare KeyError/IndexError
+    rng = np.random.default_rng(seed)
+    path = tmp_path / "random.pth"
+    path.write_bytes(rng.bytes(5000))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint_file(path)
+    assert str(info.value).startswith(f"{path}: not a PyTorch checkpoint (truncated or corrupt: its 5000 bytes")
+    # garbage behind the headers of torch.save's two formats reaches torch's readers, and is damaged data too
+    for header in (b"PK\x03\x04", b"\x80\x02\x8a\x0a"):
+        path.write_bytes(header + rng.bytes(5000))
+        with pytest.raises(CheckpointError, match=r"random.pth: not a readable PyTorch checkpoint \(truncated or corrupt"
+                           ) as info:
+            load_checkpoint_file(path)
+        assert "arbitrary code" not in str(info.value) and "refused" not in str(info.value)
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint .truncated or corrupt: it is empty"):
+        load_checkpoint_file(path)
+
+
 class _RunsCode:
     def __reduce__(self):
         return (os.system, ("echo pwned > /dev/null",))
@@ -206,5 +228,8 @@ class _RunsCode:
 def test_pickle_that_would_run_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": {}, "payload": _RunsCode()}, path)
-    with pytest.raises(CheckpointError, match="evil.pth: refused to load.*arbitrary code"):
+    with pytest.raises(CheckpointError, match="evil.pth: refused to load.*holds \\w+.system.*arbitrary code"):
+        load_checkpoint_file(path)
+    torch.save({"model": {}, "payload": _RunsCode()}, path, _use_new_zipfile_serialization=False)  # legacy format
+    with pytest.raises(CheckpointError, match="evil.pth: refused to load.*holds \\w+.system.*arbitrary code"):
         load_checkpoint_file(path)

@@ -260,6 +260,33 @@ def test_clear_errors_for_bad_data_and_flags(dataset, tmp_path):
     assert "cancer" in message and "benign" in message
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--data_mean", "0.5", "0.5", "0.5", "--data_std", "0.2", "0", "0.2"], "--data_std 0.2 0.0 0.2: every value"),
+    (["--accum_iter", "0"], "--accum_iter 0: must be at least 1"),
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--warmup_epochs", "-2"], "--warmup_epochs -2.0: must be a number >= 0"),
+    (["--smoothing", "1"], "--smoothing 1.0: must be in [0, 1)"),
+    (["--layer_decay", "0"], "--layer_decay 0.0: must be in (0, 1]"),
+    (["--reprob", "1.5"], "--reprob 1.5: must be in [0, 1]"),
+    (["--early_stops", "-1"], "--early_stops -1: must be at least 0"),
+    (["--blur", "gaussian", "--blur_sigma", "-1"], "gaussian blur needs sigma > 0"),
+    (["--blur", "gaussian", "--blur_sigma", "30"], "--blur_sigma 30.0: at most 25"),
+])
+def test_flags_that_cannot_train_are_refused_before_any_work(dataset, tmp_path, flags, expected):
+    out = tmp_path / "out"
+    message = run_expecting_error(common_args(dataset, out, "--epochs", "1", *flags))
+    assert message.startswith("error: invalid settings, nothing was run") and expected in message
+    assert not out.exists()
+
+
+def test_run_whose_loss_is_never_finite_fails_and_saves_nothing(dataset, tmp_path):
+    # 6 non-finite steps (fewer than --max_nonfinite) used to train on nothing and exit 0
+    std = ["--data_mean", "0.5", "0.5", "0.5", "--data_std", "1e-30", "1e-30", "1e-30"]
+    message = run_expecting_error(common_args(dataset, tmp_path, *std, "--epochs", "2"))
+    assert "epoch 0: the loss was non-finite in every one of its 6 steps" in message
+    assert not list(tmp_path.glob("checkpoint-*.pth")) and not (tmp_path / "log.txt").exists()
+
+
 def test_unreadable_test_image_is_skipped_or_stops_with_strict_data(trained, dataset, tmp_path):
     data = tmp_path / "data"
     for split in ("train", "val", "test"):

@@ -190,6 +190,67 @@ def test_clear_errors(data, tmp_path):
                            "--device", "cpu"])
 
 
+STD3 = ["--data_mean", "0.5", "0.5", "0.5", "--data_std"]
+
+
+@pytest.mark.parametrize("flags, model, expected", [
+    (STD3 + ["0", "0", "0"], "mae_vit_tiny_patch16", "--data_std 0.0 0.0 0.0: every value must be > 0"),
+    (STD3 + ["0.2", "0", "0.2"], "mae_vit_tiny_patch16", "--data_std 0.2 0.0 0.2: every value must be > 0"),
+    (["--mask_ratio", "0"], "mae_vit_tiny_patch16", "--mask_ratio 0 with mae_vit_tiny_patch16 (loss on masked"),
+    (["--mask_ratio", "0", "--loss_on", "masked"], "dmae_vit_tiny_patch16", "--mask_ratio 0 with dmae"),
+    (["--mask_ratio", "1"], "dmae_vit_tiny_patch16", "--mask_ratio 1.0: must be in [0, 1)"),
+    (["--mask_ratio", "-0.5"], "dmae_vit_tiny_patch16", "--mask_ratio -0.5: must be in [0, 1)"),
+    (["--mask_ratio", "0.9"], "dmae_vit_tiny_patch16", "keeps no patch visible of the 4 of a 32x32 input"),
+    (["--accum_iter", "0"], "dmae_vit_tiny_patch16", "--accum_iter 0: must be at least 1"),
+    (["--epochs", "0"], "dmae_vit_tiny_patch16", "--epochs 0: must be at least 1"),
+    (["--batch_size", "0"], "dmae_vit_tiny_patch16", "--batch_size 0: must be at least 1"),
+    (["--warmup_epochs", "-1"], "dmae_vit_tiny_patch16", "--warmup_epochs -1.0: must be a number >= 0"),
+    (["--blr", "0"], "dmae_vit_tiny_patch16", "--blr 0.0: must be > 0"),
+    (["--lr", "nan"], "dmae_vit_tiny_patch16", "--lr nan: must be > 0"),
+    (["--print_freq", "0"], "dmae_vit_tiny_patch16", "--print_freq 0: must be at least 1"),
+    (["--save_freq", "0"], "dmae_vit_tiny_patch16", "--save_freq 0: must be at least 1"),
+    (["--max_nonfinite", "0"], "dmae_vit_tiny_patch16", "--max_nonfinite 0: must be at least 1"),
+    (["--blur", "gaussian", "--blur_sigma", "0"], "dmae_vit_tiny_patch16", "gaussian blur needs sigma > 0"),
+    (["--blur", "gaussian", "--blur_sigma", "1000"], "dmae_vit_tiny_patch16", "--blur_sigma 1000.0: at most 25"),
+    (["--blur", "median", "--blur_kernel_size", "4"], "dmae_vit_tiny_patch16", "median blur needs an odd kernel"),
+    (["--input_size", "40", "32"], "dconvmae_convvit_tiny_patch16", "--input_size 40 32: not divisible by the patch"),
+])
+def test_flags_that_cannot_train_are_refused_before_any_work(data, tmp_path, flags, model, expected):
+    # each used to run (and exit 0 on a loss of 0 or NaN), hang, or end in a traceback
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        run(data, out, *flags, model=model, epochs=1)
+    assert str(info.value).startswith("error: invalid settings, nothing was run") and expected in str(info.value)
+    assert not out.exists()
+
+
+def test_every_invalid_flag_is_named_at_once(data, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        run(data, tmp_path, "--accum_iter", "0", "--mask_ratio", "1", epochs=0)
+    assert [line.split(":")[0].strip() for line in str(info.value).splitlines()[1:]] == [
+        "--epochs 0", "--accum_iter 0", "--mask_ratio 1.0"]
+
+
+def test_mask_ratio_0_trains_a_deblurring_model_with_the_loss_on_all_patches(data, tmp_path):
+    log = run(data, tmp_path, "--mask_ratio", "0", "--eval_freq", "100", epochs=1)
+    assert log[0]["train_loss"] > 0 and log[0]["train_nonfinite_steps"] == 0
+
+
+def test_no_full_batch_is_refused_at_start(data, tmp_path):
+    # 16 training images, drop_last: a batch of 32 used to run 0 steps and still write checkpoints
+    with pytest.raises(SystemExit, match="16 training images make no full batch of --batch_size 32 per process"):
+        run(data, tmp_path, "--batch_size", "32", epochs=1)
+    assert not list(tmp_path.glob("checkpoint-*.pth")) and not (tmp_path / "log.txt").exists()
+
+
+def test_run_whose_loss_is_never_finite_fails_and_saves_nothing(data, tmp_path):
+    # a std of 1e-30 overflows every normalised pixel: 4 non-finite steps per epoch, fewer than
+    # --max_nonfinite, used to train 2 epochs on nothing and exit 0 with checkpoints
+    with pytest.raises(SystemExit, match="epoch 0: the loss was non-finite in every one of its 4 steps"):
+        run(data, tmp_path, *STD3, "1e-30", "1e-30", "1e-30", epochs=2)
+    assert not list(tmp_path.glob("checkpoint-*.pth")) and not (tmp_path / "log.txt").exists()
+
+
 def test_visualize_reconstruction_tool(data, tmp_path, repo_root):
     import argparse
     run(data, tmp_path / "run", "--eval_freq", "100", epochs=1, model="dconvmae_convvit_tiny_patch16")

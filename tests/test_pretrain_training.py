@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from main_pretrain import prune_checkpoints
+from main_pretrain import prune_checkpoints, train_one_epoch
 from util.datasets import PretrainDataset
-from util.training import StopTraining, check_nonfinite, step_optimizer
+from util.training import NonFiniteGuard, StopTraining, step_optimizer
 
 
 def test_nonfinite_step_is_skipped_on_the_device():
@@ -27,11 +27,68 @@ def test_nonfinite_step_is_skipped_on_the_device():
     assert (param.detach() < 1).all()
 
 
-def test_too_many_nonfinite_steps_stop_with_a_message():
-    args = SimpleNamespace(max_nonfinite=3, output_dir="/runs/x")
-    check_nonfinite(torch.tensor(2.0), args)
-    with pytest.raises(StopTraining, match="non-finite for 3 consecutive steps.*/runs/x.*intact"):
-        check_nonfinite(torch.tensor(3.0), args)
+class ScriptedLoss(torch.nn.Module):
+    """A stand-in pretraining model whose losses follow a script (NaN = a non-finite step)."""
+
+    def __init__(self, losses):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.losses = iter(losses)
+
+    def forward(self, inputs, targets, mask_ratio):
+        return self.weight * next(self.losses), None, None
+
+
+def run_epochs(losses_per_epoch, guard, print_freq=100):
+    """The real pretraining epoch loop over the scripted losses; returns the epochs that finished."""
+    model = ScriptedLoss([loss for epoch in losses_per_epoch for loss in epoch])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    args = SimpleNamespace(device="cpu", amp="none", max_steps_per_epoch=0, accum_iter=1, print_freq=print_freq,
+                           distributed=False, lr=0.1, min_lr=0.0, warmup_epochs=0, epochs=len(losses_per_epoch),
+                           mask_ratio=0.75, output_dir="/runs/x")
+    finished = []
+    for epoch, losses in enumerate(losses_per_epoch):
+        batches = [(torch.zeros(1, 1), None, 0)] * len(losses)
+        train_one_epoch(model, batches, optimizer, None, epoch, args, lambda x: x, None, {}, guard)
+        finished.append(epoch)
+    return finished
+
+
+NAN = float("nan")
+
+
+def test_nonfinite_steps_are_counted_across_epochs():
+    # 3 at the end of epoch 0 and 2 at the start of epoch 1 make 5 in a row (the count used to
+    # restart with every epoch, so no run with short epochs ever stopped)
+    finished = []
+    with pytest.raises(StopTraining, match="non-finite for 5 consecutive steps.*/runs/x"):
+        finished = run_epochs([[1.0, NAN, NAN, NAN], [NAN, NAN, 1.0, 1.0]], NonFiniteGuard(5, "cpu", "/runs/x"))
+    assert finished == []
+    assert run_epochs([[1.0, NAN, NAN, NAN], [NAN, 1.0, NAN, NAN]], NonFiniteGuard(5, "cpu", "/runs/x")) == [0, 1]
+
+
+def test_limit_reached_between_log_intervals_still_stops():
+    # as on CUDA: the count is read only at log intervals (here: the last step, which is finite);
+    # the limit was reached in between, so the run must stop all the same
+    guard = NonFiniteGuard(3, "cpu", "/runs/x")
+    guard.check_every_step = False
+    with pytest.raises(StopTraining, match="non-finite for 3 consecutive steps"):
+        run_epochs([[1.0, NAN, NAN, NAN, 1.0, 1.0]], guard)
+    guard = NonFiniteGuard(3, "cpu", "/runs/x")
+    guard.check_every_step = False
+    assert run_epochs([[1.0, NAN, NAN, 1.0, NAN, NAN, 1.0]], guard) == [0]
+
+
+def test_cpu_guard_stops_at_the_step_that_reaches_the_limit():
+    guard = NonFiniteGuard(2, "cpu", "/runs/x")  # one CPU process: every step is checked (no sync cost)
+    guard.step(torch.tensor(False))
+    with pytest.raises(StopTraining):
+        guard.step(torch.tensor(False))
+
+
+def test_epoch_without_a_finite_step_stops_even_below_the_limit():
+    with pytest.raises(StopTraining, match="epoch 0: the loss was non-finite in every one of its 3 steps"):
+        run_epochs([[NAN, NAN, NAN]], NonFiniteGuard(20, "cpu", "/runs/x"))
 
 
 def test_keep_last_prunes_only_our_numbered_files(tmp_path):

@@ -99,8 +99,9 @@ def test_pretrain_skips_damaged_files_naming_each_and_strict_data_stops_naming_t
     log = json.loads(open(tmp_path / "lenient" / "log.txt").read())
     assert log["train_skipped_files"] >= 4 and "val_loss" not in log  # counted; no val/: trains without it
     # --strict_data, also through a DataLoader worker: the error survives the worker boundary whole
+    # (one batch of all 16 files: a larger one would be no full batch, refused before any file is read)
     message = error_of(main_pretrain.cli, pretrain_args(damaged_tree, tmp_path / "strict", "--strict_data",
-                                                        "--num_workers", "1", "--batch_size", "17"))
+                                                        "--num_workers", "1", "--batch_size", "16"))
     assert message.startswith("error: cannot read image ") and "/bad/" in message
     assert "re-export or re-copy it, or move it out of the dataset folder" in message and "--strict_data" in message
 

@@ -399,3 +399,95 @@ def test_read_only_output_folder_fails_at_start_naming_it(pre_data, tmp_path):
             assert os.strerror(errno.EROFS if os.geteuid() == 0 else errno.EACCES) in str(info.value)
         if os.geteuid() == 0:
             assert (out / "checkpoint-last.pth").read_bytes() == previous
+
+
+# ------------------------------------------------------------------------------ no orphans after kill -9
+# The decoded-cache build with its pool workers stuck in their task. As a sitecustomize module, every
+# Python process of the run (the training process, the fork server and so its workers) installs it
+# at start-up, and the task pickled by name resolves to it in the workers.
+CACHE_BUILD_STUCK = """
+import time
+import util.decoded_cache
+
+def _worker_task(task):
+    time.sleep(600)
+
+util.decoded_cache._worker_task = _worker_task
+"""
+
+
+def session_processes(session):
+    """(pid, command line) of the live processes of a session (/proc: Linux)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        if fields[0] != "Z" and int(fields[3]) == session:  # state, ..., session id
+            found.append((int(pid), cmdline))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals and /proc are Linux's")
+@pytest.mark.parametrize("workers", ["DataLoader", "decoded-cache pool"])
+def test_kill_9_of_the_training_process_leaves_no_process_behind(workers, pre_data, tmp_path):
+    # The fork server, its workers and the resource tracker used to outlive the killed process
+    # (parent 1, 0.5-0.8 GB each), for ever: the workers keep the fork server's pipe open.
+    args = pretrain_args(pre_data, tmp_path / "out", "--num_workers", "2", epochs=1000)
+    env = child_env()
+    if workers == "decoded-cache pool":
+        (tmp_path / "site").mkdir()
+        (tmp_path / "site" / "sitecustomize.py").write_text(CACHE_BUILD_STUCK)
+        env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"), ROOT])
+        args += ["--cache_dir", str(tmp_path / "cache"), "--cache_only"]
+    # its own session: every process it starts, directly or not, keeps the session id
+    proc = subprocess.Popen([sys.executable, "main_pretrain.py", *args], cwd=ROOT, env=env,
+                            stdout=open(tmp_path / "log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        forked = lambda: [p for p, cmdline in session_processes(proc.pid) if "multiprocessing.forkserver" in cmdline]
+        expected = 3 if workers == "DataLoader" else 2  # the fork server and its workers (the pool: 1 chunk)
+        wait_until(lambda: len(forked()) >= expected, proc, what=f"the {workers} workers")
+        assert len(session_processes(proc.pid)) >= expected + 2  # + the training process and resource tracker
+        kill9(proc)
+        deadline = time.time() + 15
+        while session_processes(proc.pid) and time.time() < deadline:
+            time.sleep(0.1)
+        survivors = session_processes(proc.pid)
+        assert not survivors, f"still running after the kill: {survivors}"
+    finally:
+        for pid, _ in session_processes(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------ damaged checkpoint-last.pth
+def test_auto_resume_from_a_damaged_last_checkpoint_names_the_newest_intact_one(pre_data, tmp_path):
+    out = tmp_path / "out"
+    main_pretrain.cli(pretrain_args(pre_data, out, "--save_freq", "1", epochs=3))
+    last = out / "checkpoint-last.pth"
+    last.write_bytes(last.read_bytes()[:1000])  # e.g. a disk error, or a copy cut short
+    (out / "checkpoint-2.pth").write_bytes(b"\0" * 1000)
+    with pytest.raises(SystemExit) as info:
+        main_pretrain.cli(pretrain_args(pre_data, out, "--save_freq", "1", "--auto_resume", epochs=4))
+    intact = out / "checkpoint-1.pth"
+    assert f"{last}: not a readable PyTorch checkpoint (truncated or corrupt" in str(info.value)
+    assert (f"The newest intact numbered checkpoint is {intact}: continue from it with --resume {intact}"
+            in str(info.value))
+    # and that advice works: epochs 2 and 3 are trained from it
+    main_pretrain.cli(pretrain_args(pre_data, out, "--save_freq", "1", "--resume", str(intact), epochs=4))
+    assert [entry["epoch"] for entry in read_log(out)] == [0, 1, 2, 2, 3]
+    assert load_checkpoint_file(last)["epoch"] == 3
+
+
+def test_auto_resume_from_a_damaged_last_checkpoint_without_numbered_ones_says_so(cls_data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint-last.pth").write_bytes(os.urandom(1000))
+    with pytest.raises(SystemExit) as info:
+        main_finetune.cli(finetune_args(cls_data, out, "--auto_resume", epochs=1))
+    assert f"{out / 'checkpoint-last.pth'}: not a PyTorch checkpoint (truncated or corrupt" in str(info.value)
+    assert f"{out} holds no intact numbered checkpoint (checkpoint-N.pth)" in str(info.value)

@@ -164,3 +164,29 @@ def test_writes_stay_in_the_output_folder_and_links_out_of_it_are_never_followed
         assert (outside / f"precious{i}").read_bytes() == b"keep me"
         if os.path.lexists(out / name):
             assert not os.path.islink(out / name), name  # replaced by a file of ours, target untouched
+
+
+@pytest.mark.parametrize("script", ["pretrain", "finetune"])
+def test_log_txt_linked_out_of_the_output_folder_is_refused_at_start(script, tree, tmp_path):
+    # the log is appended to, and used to be written through the link into the file it points to
+    out, outside = tmp_path / "out", tmp_path / "outside.txt"
+    out.mkdir()
+    outside.write_text("keep me\n")
+    os.symlink(outside, out / "log.txt")
+    cli, args = (main_pretrain.cli, pretrain_args) if script == "pretrain" else (main_finetune.cli, finetune_args)
+    with pytest.raises(SystemExit) as info:
+        cli(args(tree, out))
+    assert f"{out / 'log.txt'} is a symbolic link (to {outside}): refusing to write" in str(info.value)
+    assert outside.read_text() == "keep me\n" and not list(out.glob("checkpoint-*.pth"))
+
+
+def test_log_txt_link_made_during_a_run_is_not_followed(tmp_path):
+    from util.training import append_log
+    append_log(str(tmp_path), {"epoch": 0}, None, 0)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.txt"
+    outside.write_text("keep me\n")
+    os.replace(tmp_path / "log.txt", tmp_path / "old-log.txt")
+    os.symlink(outside, tmp_path / "log.txt")
+    with pytest.raises(SystemExit, match="log.txt is a symbolic link"):
+        append_log(str(tmp_path), {"epoch": 1}, None, 1)
+    assert outside.read_text() == "keep me\n"

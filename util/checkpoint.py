@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import os
 import pickle
+import re
 import shutil
 import zipfile
 from dataclasses import dataclass, field
@@ -58,6 +59,14 @@ def _allow_listed_globals():
     return contextlib.nullcontext()
 
 
+def _looks_like_torch_save(path: str) -> bool:
+    """Whether the file starts as torch.save's formats do: a zip archive (torch >= 1.6), or the
+    legacy format, a pickle (first opcode PROTO) of torch's magic number."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
 def load_checkpoint_file(path: Union[str, os.PathLike], map_location="cpu") -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -66,19 +75,31 @@ def load_checkpoint_file(path: Union[str, os.PathLike], map_location="cpu") -> d
     if path.endswith(SAFETENSORS_SUFFIX):
         return load_safetensors_file(path, map_location)
     try:
+        if not _looks_like_torch_save(path):
+            # random bytes, an empty file, an image or another kind of file: the unpickler would only
+            # fail on them in arbitrary ways (or call them unsafe, which they are not)
+            size = os.path.getsize(path)
+            found = "it is empty" if size == 0 else f"its {size} bytes are in neither of the formats torch.save writes"
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (truncated or corrupt: {found}). "
+                                  "Copy or download it again.")
         with _allow_listed_globals():
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except CheckpointError:
+        raise
+    except PermissionError as err:
+        raise CheckpointError(f"{path}: cannot read it ({err.strerror}). Check its permissions.") from None
     except pickle.UnpicklingError as err:
+        disallowed = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if disallowed is None:  # bytes the unpickler does not understand (torch's text would blame safety)
+            raise _corrupt(path, "its pickled data is damaged") from None
         raise CheckpointError(
             f"{path}: refused to load: the file pickles objects outside the safe allow-list "
-            f"(only tensors, containers and argparse.Namespace are accepted). Loading it would run "
-            f"arbitrary code. If you trust its origin, re-save only its weights "
-            f"(torch.save({{'model': state_dict}}, ...)) and pass that file. Details: "
-            f"{str(err).splitlines()[0]}") from None
-    except (EOFError, zipfile.BadZipFile, RuntimeError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: "
-                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-                              "Copy or download it again.") from None
+            f"(only tensors, containers and argparse.Namespace are accepted; it holds "
+            f"{disallowed.group(1)}). Loading it would run arbitrary code. If you trust its origin, re-save "
+            f"only its weights (torch.save({{'model': state_dict}}, ...)) and pass that file.") from None
+    except Exception as err:  # a damaged archive or pickle fails with whatever the reader hits first
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise _corrupt(path, f"{type(err).__name__}: {detail}") from None
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{path}: expected a dict of weights, found {type(ckpt).__name__}.")
     return dict(ckpt)
@@ -112,6 +133,52 @@ def load_safetensors_file(path: str, map_location="cpu") -> dict:
             raise CheckpointError(f"{path}: its '{SAFETENSORS_ARGS_KEY}' metadata is not a JSON object; "
                                   "export the checkpoint again with tools/export.py.") from None
     return ckpt
+
+
+def _corrupt(path: str, detail: str) -> CheckpointError:
+    return CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: {detail}). "
+                           "Copy or download it again.")
+
+
+def numbered_checkpoints(folder: str) -> List[tuple]:
+    """``(N, path)`` of the regular files ``checkpoint-N.pth`` in ``folder`` (links are not ours),
+    oldest first."""
+    found = []
+    for name in os.listdir(folder):
+        match = re.fullmatch(r"checkpoint-(\d+)\.pth", name)
+        path = os.path.join(folder, name)
+        if match and os.path.isfile(path) and not os.path.islink(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def newest_intact_checkpoint(folder: str) -> Optional[str]:
+    """The numbered checkpoint of ``folder`` with the highest N that loads; None if none does."""
+    for _, path in reversed(numbered_checkpoints(folder)):
+        try:
+            load_checkpoint_file(path)
+        except CheckpointError:
+            continue
+        return path
+    return None
+
+
+def load_auto_resume_checkpoint(path: str) -> dict:
+    """``--auto_resume``'s ``checkpoint-last.pth``. If it is damaged, the error names the newest intact
+    numbered checkpoint beside it and how to continue from that one."""
+    try:
+        return load_checkpoint_file(path)
+    except CheckpointError as err:
+        folder = os.path.dirname(path) or "."
+        intact = newest_intact_checkpoint(folder)
+        if intact is not None:
+            advice = (f"--auto_resume cannot continue from it. The newest intact numbered checkpoint is {intact}: "
+                      f"continue from it with --resume {intact} (in place of --auto_resume; the epochs after it "
+                      "are trained again).")
+        else:
+            advice = (f"--auto_resume cannot continue from it, and {folder} holds no intact numbered checkpoint "
+                      "(checkpoint-N.pth). Move the damaged file out of the folder to start afresh.")
+        raise CheckpointError(f"{str(err).removesuffix(' Copy or download it again.')} {advice}") from None
 
 
 def save_checkpoint(obj: dict, path: Union[str, os.PathLike]) -> None:

@@ -450,10 +450,12 @@ def worker_options(num_workers: int) -> dict:
     after the parent's OpenCV thread pool has run (a blur in the main process, the dataset
     statistics) inherits that pool's locks held, and ``cv2.setNumThreads`` then hangs for ever
     (seen here). A fork-server child starts clean; with persistent workers it starts once per run.
+    The fork server and the workers die with the training process (util/workers.py).
     """
     if num_workers <= 0:
         return {}
-    return {"multiprocessing_context": "forkserver", "worker_init_fn": limit_worker_threads}
+    from util.workers import forkserver_context
+    return {"multiprocessing_context": forkserver_context(), "worker_init_fn": limit_worker_threads}
 
 
 def stack_pixels(items: Sequence[torch.Tensor]) -> torch.Tensor:

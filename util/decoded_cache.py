@@ -564,11 +564,11 @@ class _Builder:
             for folder, key, k, start, stop, names in tasks:
                 self.finished(_build_chunk(folder, key, k, start, stop, names, self.load), progress)
             return
-        import multiprocessing
+        from util.workers import forkserver_context
         # Never fork: the parent has running threads (OpenCV, torch, the DataLoader's), which do not
-        # survive a fork; the children could deadlock. A fork server starts clean processes.
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        # survive a fork; the children could deadlock. A fork server starts clean processes, which
+        # die with this one (util/workers.py).
+        context = forkserver_context()
         with context.Pool(workers, initializer=_init_worker, initargs=(self.load,)) as pool:
             for result in pool.imap_unordered(_worker_task, tasks):
                 self.finished(result, progress)

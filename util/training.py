@@ -6,6 +6,7 @@ non-finite stop rule, per-epoch seeding for exact resume, SIGTERM handling and t
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -81,12 +82,110 @@ def step_optimizer(optimizer, scaler, finite, fused_skip):
         optimizer.step()
 
 
-def check_nonfinite(consecutive_bad, args):
-    bad = int(consecutive_bad.item())
-    if bad >= args.max_nonfinite:
-        raise StopTraining(f"the loss was non-finite for {bad} consecutive steps; stopping. The last "
-                           f"good checkpoint in {args.output_dir} is intact. Lower --blr, use --amp bf16 "
-                           "or --amp none, or check the data for corrupt images.")
+class NonFiniteGuard:
+    """Stops a run whose loss stays non-finite: ``limit`` consecutive non-finite steps, counted
+    across epochs, or an epoch without a single finite step.
+
+    The count lives on the device and is read only at log intervals and at the end of each epoch
+    (one host sync each), except on a single CPU process, where reading it is free and every step is
+    checked. The longest run of non-finite steps so far is kept too, so a run that reached the limit
+    between two checks still stops at the next one: the stop rule does not depend on where the log
+    intervals fall. Under torchrun the ranks agree (a max over ranks) so that all stop together.
+    """
+
+    def __init__(self, limit: int, device, output_dir: str, distributed: bool = False):
+        self.limit, self.output_dir, self.distributed = limit, output_dir, distributed
+        self.consecutive = torch.zeros((), device=device)
+        self.longest = torch.zeros((), device=device)
+        self.check_every_step = torch.device(device).type == "cpu" and not distributed
+
+    def step(self, finite: torch.Tensor) -> None:
+        """Record one step (``finite``: 0-d bool tensor, the step's loss was finite)."""
+        self.consecutive = (self.consecutive + 1) * (~finite).float()
+        self.longest = torch.maximum(self.longest, self.consecutive)
+        if self.check_every_step:
+            self.check()
+
+    def check(self) -> None:
+        longest = self.longest.clone()
+        if self.distributed:
+            du.all_reduce_max(longest)
+        bad = int(longest.item())
+        if bad >= self.limit:
+            raise StopTraining(f"the loss was non-finite for {bad} consecutive steps (--max_nonfinite "
+                               f"{self.limit}); stopping. The checkpoints already in {self.output_dir} "
+                               "are intact. Lower --blr, use --amp bf16 or --amp none, check --data_mean / "
+                               "--data_std, or check the data for corrupt images.")
+
+    def end_epoch(self, epoch: int, steps_run: int, finite_steps: float) -> None:
+        """At the end of an epoch (``finite_steps`` summed over ranks): stop if nothing was learned."""
+        self.check()
+        if steps_run == 0:
+            raise StopTraining(f"epoch {epoch} ran no training step: every batch was empty (unreadable "
+                               "images?). Nothing was saved for it; check the data.")
+        if finite_steps == 0:
+            raise StopTraining(f"epoch {epoch}: the loss was non-finite in every one of its {steps_run} "
+                               "steps, so nothing was learned; stopping without saving it. The "
+                               f"checkpoints already in {self.output_dir} are intact. Check --data_mean / --data_std, "
+                               "lower --blr, or use --amp bf16 or --amp none.")
+
+
+# Largest --blur_sigma accepted. OpenCV derives the Gaussian kernel from sigma (side about 6 sigma + 1
+# for 8-bit images, 8 sigma + 1 otherwise: 9 x 9 at the published 1.1). At 25 the kernel is 151 (201)
+# pixels wide and a 512 x 512 image takes 0.04 s (8-bit) to 0.07 s (16-bit) per blur on one core; at
+# 100 it is about 1 s, and at 1000 about 20 s, which no training run can afford per image. A sigma of 25 already wipes out
+# everything but the coarsest structure of an ultrasound image.
+MAX_BLUR_SIGMA = 25.0
+
+
+def invalid_training_flags(args) -> list[str]:
+    """One message per flag (shared by both training scripts) whose value cannot train anything."""
+    problems = []
+    for flag, low in (("epochs", 1), ("batch_size", 1), ("accum_iter", 1), ("max_nonfinite", 1),
+                      ("print_freq", 1), ("num_workers", 0), ("start_epoch", 0)):
+        value = getattr(args, flag)
+        if value < low:
+            problems.append(f"--{flag} {value}: must be at least {low}")
+    for flag in ("warmup_epochs", "min_lr", "weight_decay"):
+        value = getattr(args, flag)
+        if not (_finite(value) and value >= 0):
+            problems.append(f"--{flag} {value}: must be a number >= 0")
+    if args.lr is not None and not (_finite(args.lr) and args.lr > 0):
+        problems.append(f"--lr {args.lr}: must be > 0 (a zero learning rate learns nothing)")
+    if args.lr is None and not (_finite(args.blr) and args.blr > 0):
+        problems.append(f"--blr {args.blr}: must be > 0 (a zero learning rate learns nothing)")
+    if args.data_std is not None and not all(_finite(s) and s > 0 for s in args.data_std):
+        problems.append(f"--data_std {' '.join(map(str, args.data_std))}: every value must be > 0 (the "
+                        "pixels are divided by it; 0 makes every loss non-finite)")
+    if args.data_mean is not None and not all(_finite(m) for m in args.data_mean):
+        problems.append(f"--data_mean {' '.join(map(str, args.data_mean))}: every value must be a finite number")
+    problems += invalid_blur_flags(args)
+    return problems
+
+
+def invalid_blur_flags(args) -> list[str]:
+    """``--blur*`` settings the blur itself refuses, and a Gaussian too wide to finish."""
+    from util.blur import blur_spec_from_args
+
+    try:
+        spec = blur_spec_from_args(args, prefix="blur_")
+    except ValueError as err:
+        return [f"--blur {args.blur_method}: {err}"]
+    if spec is not None and spec.method == "gaussian" and not spec.sigma <= MAX_BLUR_SIGMA:
+        return [f"--blur_sigma {spec.sigma}: at most {MAX_BLUR_SIGMA:g} (the kernel grows with sigma: about "
+                f"{int(6 * spec.sigma) + 1} pixels wide here, far too slow to apply to every image; "
+                "ultrasound blurs of interest are a few pixels, published 1.1)"]
+    return []
+
+
+def refuse_invalid_flags(problems) -> None:
+    """End the run before any work, with every invalid flag on its own line."""
+    if problems:
+        raise SystemExit("error: invalid settings, nothing was run:\n  " + "\n  ".join(problems))
+
+
+def _finite(value) -> bool:
+    return math.isfinite(value)
 
 
 def install_sigterm_handler(stop_flag):
@@ -96,8 +195,33 @@ def install_sigterm_handler(stop_flag):
     signal.signal(signal.SIGTERM, handler)
 
 
+LOG_FILE = "log.txt"
+
+
+def _linked_log(path: str) -> str:
+    return (f"error: {path} is a symbolic link (to {os.readlink(path)}): refusing to write the training log "
+            "through it, out of the output folder. Remove the link (or pass another --output_dir), then re-run "
+            "the same command with --auto_resume.")
+
+
+def check_log_not_linked(out_dir) -> None:
+    """At start-up: the log is appended to, which would follow a link out of the output folder
+    (checkpoints replace a link instead). Fail before any work rather than after the first epoch."""
+    path = os.path.join(out_dir, LOG_FILE)
+    if os.path.islink(path):
+        raise SystemExit(_linked_log(path))
+
+
 def append_log(out_dir, log, writer, epoch):
-    with open(os.path.join(out_dir, "log.txt"), "a") as f:
+    path = os.path.join(out_dir, LOG_FILE)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o666)  # O_NOFOLLOW: a link made after start-up is not followed either
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise SystemExit(_linked_log(path)) from None
+        raise
+    with os.fdopen(fd, "a") as f:
         f.write(json.dumps(log) + "\n")
     print(json.dumps(log))
     if writer is not None:
@@ -124,6 +248,16 @@ def plain_args(args) -> dict:
     return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
 
 
+def own_message(err: Exception) -> str:
+    """The message an error was raised with, also when a DataLoader worker raised it: torch re-raises
+    it in the training process as ``Caught DatasetError in DataLoader worker process 0. Original
+    Traceback ...``, the worker's whole traceback in place of the message."""
+    text = str(err)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        text = text.rsplit(f"{type(err).__name__}: ", 1)[-1]  # the traceback's last entry: the message
+    return text.strip()
+
+
 def run_cli(main, parser, argv=None) -> None:
     """Parse the command line and run ``main``; the failures a user can cause end in one message.
 
@@ -140,7 +274,7 @@ def run_cli(main, parser, argv=None) -> None:
     try:
         main(args)
     except (DatasetError, CheckpointError, CacheError) as err:
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {own_message(err)}")
     except Exception as err:
         if not (getattr(args, "distributed", False) and du.is_collective_failure(err)):
             raise
