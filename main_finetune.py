@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import time
 import warnings
 
 import numpy as np
@@ -26,25 +25,25 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from util import distributed as du
-from util.blur import add_blur_arguments, blur_spec_from_args
+from util.arguments import (RANDAUGMENT, SELECT_METRICS, add_checkpoint_arguments, add_classifier_model_group,
+                            add_classification_data_arguments, add_evaluation_arguments, add_launch_arguments,
+                            add_output_arguments, add_precision_arguments, add_schedule_arguments, input_hw)
+from util.blur import blur_spec_from_args
 from util.checkpoint import (FIRST_CONV_KEYS, CheckpointError, extract_state_dict, load_auto_resume_checkpoint,
                              load_checkpoint_file, load_weights, save_checkpoint)
-from util.cls_datasets import (GROUP_BY, RANDAUGMENT, SPLITS, ClassificationDataset, build_transform,
-                               collate_labelled, find_class_names, pixel_mean_std, read_groups_csv,
-                               resolve_class_names)
+from util.cls_datasets import (SPLITS, ClassificationDataset, build_transform, collate_labelled, find_class_names,
+                               pixel_mean_std, read_groups_csv, resolve_class_names)
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD, DatasetError, worker_options
-from util.fileio import check_writable
 from util.lr_decay import param_groups
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.metrics import (METRIC_NAMES, choose_threshold, evaluate_and_write, evaluate_predictions,
                           format_results_table, gather_unique_predictions, resolve_pos_class)
 from util.registry import finetune_models
-from util.training import (NonFiniteGuard, StopTraining, accumulate_backward, amp_dtype, append_log,
-                           check_log_not_linked, epoch_seed, install_sigterm_handler, invalid_training_flags,
-                           log_progress, plain_args, refuse_invalid_flags, run_cli, step_optimizer)
+from util.training import (EpochMeter, NonFiniteGuard, StopTraining, accumulate_backward, amp_dtype, append_log,
+                           autocast, device_type, epoch_seed, grad_scaler, install_sigterm_handler,
+                           invalid_training_flags, open_writer, plain_args, resume_path, run_cli, start_run,
+                           step_optimizer, wrap_ddp)
 
-# --select_metric choices (published names) -> util.metrics names
-SELECT_METRICS = {"acc": "accuracy", "auc": "auroc", "f1": "f1", "balanced_acc": "balanced_accuracy"}
 # The published script trains "forever" and relies on early stopping; its cosine schedule over
 # 10 million epochs is therefore flat after the warm-up. Kept so the published commands behave alike.
 PUBLISHED_EPOCHS = 10_000_000
@@ -53,107 +52,61 @@ PRETRAINED_HEAD_KEYS = ("head.", "fc_norm.")
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Deblurring MIM classification fine-tuning", add_help=True)
-    p.add_argument("--batch_size", default=128, type=int, help="images per GPU per iteration")
-    p.add_argument("--epochs", default=PUBLISHED_EPOCHS, type=int,
-                   help="last epoch of the schedule (default as published: effectively until early stopping, "
-                        "with a flat lr after warm-up; set e.g. 100 for a real cosine decay)")
-    p.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
-    # model
-    p.add_argument("--model", default="convvit_base_patch16", type=str,
-                   help="vit_{base,large}_patch16, vit_huge_patch14, convvit_{base,large,huge}_patch16 "
-                        "(wrong names list the valid ones)")
-    p.add_argument("--input_size", default=None, type=int, nargs="+",
-                   help="input size: one number (square) or H W (default: the --resume checkpoint's, else 224)")
-    p.add_argument("--in_chans", default=None, type=int, choices=(1, 3),
-                   help="input channels (default: those of the --resume/--finetune checkpoint's first layer, else 3)")
-    p.add_argument("--keep_channels", action="store_true",
-                   help="keep colour images in colour (default: converted to grey, with or without --blur, "
-                        "as in pretraining); needs --in_chans 3")
-    p.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate")
-    p.add_argument("--global_pool", action="store_true", default=True,
-                   help="average-pool the patch tokens + fc_norm (default)")
-    p.add_argument("--cls_token", action="store_false", dest="global_pool",
-                   help="classify from the cls token (ViT) instead of global pooling")
-    p.add_argument("--first_patch_token", action="store_const", const="first_patch", dest="global_pool",
-                   help="ConvViT only: classify from the first patch token after norm, as the published "
-                        "--cls_token did for ConvViT (here --cls_token averages the normalised tokens)")
-    # optimisation
-    p.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm (default: off)")
-    p.add_argument("--weight_decay", type=float, default=0.05)
-    p.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * eff. batch / 256)")
-    p.add_argument("--blr", type=float, default=1e-3, help="base lr: lr = blr * effective batch / 256")
-    p.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay (1: none)")
-    p.add_argument("--min_lr", type=float, default=1e-6)
-    p.add_argument("--warmup_epochs", type=float, default=5)
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
-                   help="mixed precision (auto: bf16 on GPUs that support it, fp16 on older ones, none on CPU)")
-    p.add_argument("--max_nonfinite", type=int, default=20,
-                   help="stop after this many consecutive steps with a non-finite loss")
-    # augmentation (timm)
-    p.add_argument("--color_jitter", type=float, default=None, help="only used when --aa none")
-    p.add_argument("--aa", type=str, default=RANDAUGMENT, help="RandAugment policy ('none' to disable)")
-    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    p.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
-    p.add_argument("--remode", type=str, default="pixel", help="random erasing mode")
-    p.add_argument("--recount", type=int, default=1, help="random erasing count")
-    p.add_argument("--resplit", action="store_true", help=argparse.SUPPRESS)  # published; no effect there either
-    p.add_argument("--mixup", type=float, default=0, help="mixup alpha (enabled if > 0)")
-    p.add_argument("--cutmix", type=float, default=0, help="cutmix alpha (enabled if > 0)")
-    p.add_argument("--cutmix_minmax", type=float, nargs="+", default=None)
-    p.add_argument("--mixup_prob", type=float, default=1.0)
-    p.add_argument("--mixup_switch_prob", type=float, default=0.5)
-    p.add_argument("--mixup_mode", type=str, default="batch", choices=("batch", "pair", "elem"))
-    # checkpoints
-    p.add_argument("--finetune", default="", help="pretrained checkpoint to start from (head re-initialised)")
-    p.add_argument("--resume", default="", help="fine-tuned checkpoint: continue training, or evaluate with --eval")
-    p.add_argument("--auto_resume", action="store_true", help="resume from output_dir/checkpoint-last.pth if present")
-    p.add_argument("--start_epoch", default=0, type=int)
-    # data
-    p.add_argument("--data_path", default="", type=str,
-                   help="folder with train/, val/, test/ (one sub-folder per class)")
-    p.add_argument("--nb_classes", default=None, type=int, help="number of classes (default: the class folders)")
-    p.add_argument("--pos_class", default=None,
-                   help="positive class of the binary metrics, by name or index (default: class 1, the "
-                        "second folder alphabetically)")
-    add_blur_arguments(p, prefix="blur_", method_flag="--blur", default_method=None)
-    p.add_argument("--strict_data", action="store_true", help="stop at an unreadable image instead of skipping it")
-    p.add_argument("--data_mean", type=float, nargs="+", default=None)
-    p.add_argument("--data_std", type=float, nargs="+", default=None)
-    p.add_argument("--num_workers", default=10, type=int)
-    p.add_argument("--pin_mem", action="store_true", default=True)
-    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
-    # selection and evaluation
-    p.add_argument("--select_metric", default="acc", choices=tuple(SELECT_METRICS),
-                   help="validation metric that selects the best epoch (default acc, as published)")
-    p.add_argument("--early_stops", default=200, type=int, help="stop after this many epochs without improvement")
-    p.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
-    p.add_argument("--eval_split", default="test", choices=("val", "test"), help="split evaluated by --eval")
-    p.add_argument("--tta", action="store_true", help="average the probabilities of the image and its mirror")
-    p.add_argument("--n_boot", default=1000, type=int, help="bootstrap resamples for the 95%% CIs (0: none)")
-    p.add_argument("--group_by", default=None, choices=GROUP_BY,
-                   help="images that form one case for the per-group metrics, whose bootstrap resamples whole "
-                        "groups: file (default; the frames of one multi-frame DICOM), patient (DICOM PatientID), "
-                        "study (DICOM StudyInstanceUID), csv (the --groups file)")
-    p.add_argument("--groups", default=None, metavar="CSV",
-                   help="CSV with the columns file,group (file relative to --data_path, e.g. test/benign/a.png); "
-                        "implies --group_by csv")
-    operating = p.add_mutually_exclusive_group()
-    operating.add_argument("--threshold", type=float, default=None, metavar="T",
-                           help="two classes: predict the positive class when its probability is >= T "
-                                "(default: the larger probability)")
-    operating.add_argument("--target_sensitivity", type=float, default=None, metavar="S",
-                           help="two classes: choose the threshold on the val split (per group) as the highest "
-                                "one with sensitivity >= S and apply it to val and test")
-    operating.add_argument("--target_specificity", type=float, default=None, metavar="S",
-                           help="two classes: choose the threshold on the val split (per group) as the lowest "
-                                "one with specificity >= S and apply it to val and test")
-    p.add_argument("--dist_eval", action="store_true", help=argparse.SUPPRESS)  # evaluation is always distributed
-    # outputs
-    p.add_argument("--output_dir", "--output", default="./output_dir", type=str)
-    p.add_argument("--log_dir", default=None, type=str, help="TensorBoard folder (default: output_dir)")
-    p.add_argument("--print_freq", default=20, type=int, help="log every N iterations")
-    p.add_argument("--seed", default=0, type=int)
-    du.add_launch_arguments(p)
+    model = add_classifier_model_group(p)
+    model.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate")
+    model.add_argument("--global_pool", action="store_true", default=True,
+                       help="average-pool the patch tokens + fc_norm (default)")
+    model.add_argument("--cls_token", action="store_false", dest="global_pool",
+                       help="classify from the cls token (ViT) instead of global pooling")
+    model.add_argument("--first_patch_token", action="store_const", const="first_patch", dest="global_pool",
+                       help="ConvViT only: classify from the first patch token after norm, as the published "
+                            "--cls_token did for ConvViT (here --cls_token averages the normalised tokens)")
+
+    optimisation = p.add_argument_group("optimisation")
+    add_schedule_arguments(optimisation, batch_size=128, epochs=PUBLISHED_EPOCHS, blr=1e-3, min_lr=1e-6,
+                           warmup_epochs=5, weight_decay=0.05,
+                           epochs_help="last epoch of the schedule (default as published: effectively until "
+                                       "early stopping, with a flat lr after warm-up; set e.g. 100 for a real "
+                                       "cosine decay)")
+    optimisation.add_argument("--layer_decay", type=float, default=0.75,
+                              help="layer-wise lr decay: each block closer to the input gets this factor (1: none)")
+    optimisation.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm (default: off)")
+    add_precision_arguments(optimisation)
+
+    augmentation = p.add_argument_group("augmentation (timm)")
+    augmentation.add_argument("--aa", type=str, default=RANDAUGMENT, help="RandAugment policy ('none' to disable)")
+    augmentation.add_argument("--color_jitter", type=float, default=None,
+                              help="colour jitter strength, used only with --aa none (default: off)")
+    augmentation.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    augmentation.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    augmentation.add_argument("--remode", type=str, default="pixel", help="random erasing mode (timm)")
+    augmentation.add_argument("--recount", type=int, default=1, help="random erasing count")
+    # published flags without effect (there too: evaluation is always distributed here)
+    augmentation.add_argument("--resplit", action="store_true", help=argparse.SUPPRESS)
+    augmentation.add_argument("--mixup", type=float, default=0, help="mixup alpha (enabled if > 0)")
+    augmentation.add_argument("--cutmix", type=float, default=0, help="cutmix alpha (enabled if > 0)")
+    augmentation.add_argument("--cutmix_minmax", type=float, nargs="+", default=None, metavar="F",
+                              help="cutmix min/max box ratio (enables cutmix; overrides --cutmix)")
+    augmentation.add_argument("--mixup_prob", type=float, default=1.0,
+                              help="probability of applying mixup or cutmix to a batch")
+    augmentation.add_argument("--mixup_switch_prob", type=float, default=0.5,
+                              help="probability of cutmix instead of mixup when both are enabled")
+    augmentation.add_argument("--mixup_mode", type=str, default="batch", choices=("batch", "pair", "elem"),
+                              help="mix per batch, per pair or per element")
+
+    add_checkpoint_arguments(p, finetune_help="pretrained checkpoint to start from (head re-initialised)",
+                             resume_help="fine-tuned checkpoint: continue training, or evaluate with --eval")
+    add_classification_data_arguments(p)
+    evaluation = add_evaluation_arguments(
+        p, select_help="validation metric that selects the best epoch (default acc, as published)",
+        eval_help="only evaluate the --resume checkpoint")
+    evaluation.add_argument("--early_stops", default=200, type=int,
+                            help="stop after this many epochs without improvement on val")
+    evaluation.add_argument("--tta", action="store_true",
+                            help="average the probabilities of the image and its mirror")
+    evaluation.add_argument("--dist_eval", action="store_true", help=argparse.SUPPRESS)
+    add_output_arguments(p)
+    add_launch_arguments(p)
     return p
 
 
@@ -175,13 +128,6 @@ def first_layer_channels(state: dict):
     return None
 
 
-def resume_path(args) -> str:
-    if args.resume:
-        return args.resume
-    last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    return last if args.auto_resume and os.path.isfile(last) else ""
-
-
 def resolve_model_inputs(args, source_ckpt, recorded: dict) -> None:
     """Fill ``args.in_chans`` and ``args.input_size`` when not given: a fine-tuned checkpoint defines
     them (a grey model must not silently get its first layer widened to 3 channels)."""
@@ -193,11 +139,6 @@ def resolve_model_inputs(args, source_ckpt, recorded: dict) -> None:
         args.input_size = [size] if isinstance(size, int) else list(size or [224])
     if len(args.input_size) not in (1, 2):
         raise SystemExit("--input_size takes one number (square) or two (H W)")
-
-
-def input_hw(args):
-    size = args.input_size
-    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
 
 
 def blur_phrase(method) -> str:
@@ -290,7 +231,7 @@ def make_loader(dataset, args, train: bool):
                                  shuffle=train, seed=args.seed, drop_last=False)
     generator = torch.Generator().manual_seed(args.seed + du.get_rank())
     loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-                        pin_memory=args.pin_mem and str(args.device).startswith("cuda"), drop_last=train,
+                        pin_memory=args.pin_mem and device_type(args) == "cuda", drop_last=train,
                         collate_fn=collate_labelled, generator=generator, persistent_workers=False,
                         **worker_options(args.num_workers))
     if train and len(loader) == 0:
@@ -373,8 +314,7 @@ def load_finetuned(model, path: str):
 
 def build_optimizer(model, args):
     groups = param_groups(model, args.weight_decay, layer_decay=args.layer_decay)
-    fused = str(args.device).split(":")[0] in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=args.lr, fused=fused)
+    return torch.optim.AdamW(groups, lr=args.lr, fused=device_type(args) in ("cuda", "cpu"))
 
 
 def build_mixup(args):
@@ -396,12 +336,6 @@ def build_criterion(args, mixup_fn):
 
 
 # ------------------------------------------------------------------------------ training
-def autocast(args):
-    dtype = amp_dtype(args)
-    return torch.autocast(device_type=str(args.device).split(":")[0], dtype=dtype or torch.float32,
-                          enabled=dtype is not None)
-
-
 def mix_batch(mixup_fn, images, labels):
     """timm's Mixup needs an even batch: the odd sample out (after skipped files) waits an epoch."""
     even = images.shape[0] - images.shape[0] % 2
@@ -412,18 +346,16 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, mixup_fn, epoch
     model.train()
     device = args.device
     steps = len(loader)
-    # Running totals stay on the device; they are read (one sync) only at log intervals.
-    loss_sum = torch.zeros((), device=device)
-    finite_steps = torch.zeros((), device=device)
+    meter = EpochMeter(epoch, steps, args, guard, writer)
+    # an update is skipped if any micro-batch of its accumulation window was non-finite
     window_finite = torch.ones((), dtype=torch.bool, device=device)
-    images_seen, skipped, start, lr, steps_run = 0, 0, time.time(), 0.0, 0
     fused_skip = bool(optimizer.defaults.get("fused")) and scaler is None
     interrupted = False
     optimizer.zero_grad(set_to_none=True)
     for it, (images, labels, _, n_bad) in enumerate(loader):
-        skipped += n_bad
+        meter.skipped(n_bad)
         if it % args.accum_iter == 0:
-            lr = adjust_learning_rate(optimizer, epoch + it / steps, args)
+            meter.lr = adjust_learning_rate(optimizer, epoch + it / steps, args)
         update = (it + 1) % args.accum_iter == 0
         if images is not None:
             images = images.to(device, non_blocking=True)
@@ -436,32 +368,18 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, mixup_fn, epoch
             logits = model(images)
         loss = criterion(logits.float(), targets)  # the loss in fp32 whatever the autocast dtype
         finite = torch.isfinite(loss.detach())
-        # an update is skipped if any micro-batch of its accumulation window was non-finite
         window_finite &= finite
-        finite_steps += finite.float()
-        loss_sum += torch.where(finite, loss.detach(), torch.zeros_like(loss.detach()))
         accumulate_backward(model, loss, scaler, args, update)
         if update:
             clip_gradients(model, optimizer, scaler, args.clip_grad)
             step_optimizer(optimizer, scaler, window_finite, fused_skip)
             optimizer.zero_grad(set_to_none=True)
             window_finite = torch.ones((), dtype=torch.bool, device=device)
-        images_seen += images.shape[0]
-        steps_run += 1
-        guard.step(finite)
-        if (it + 1) % args.print_freq == 0 or it + 1 == steps:
-            guard.check()
-            log_progress(epoch, it, steps, loss_sum / finite_steps.clamp_min(1), images_seen, start, lr, writer, args)
+        meter.step(it, loss.detach(), finite, images.shape[0])
         if stop_flag.get("stop"):
             interrupted = it + 1 < steps
             break
-    totals = torch.stack([loss_sum, finite_steps, torch.tensor(float(skipped), device=device)])
-    du.all_reduce_sum(totals)
-    loss_total, good_steps, skipped_total = totals.tolist()
-    guard.end_epoch(epoch, steps_run, good_steps)
-    return {"loss": loss_total / max(good_steps, 1), "lr": lr, "skipped_files": int(skipped_total),
-            "images_per_sec": images_seen * du.get_world_size() / max(time.time() - start, 1e-9),
-            "interrupted": interrupted}
+    return meter.finish(interrupted)
 
 
 def clip_gradients(model, optimizer, scaler, max_norm):
@@ -486,29 +404,31 @@ def class_probabilities(model, images, args):
 
 
 @torch.no_grad()
-def predict(model, loader, args):
-    """(indices, labels, probs) of the whole split, each image once, on every rank; unreadable count."""
+def predict(model, loader, args, outputs=class_probabilities, width=None):
+    """(indices, labels, rows, unreadable count) of the whole split, each image once, on every rank.
+    ``outputs(model, images, args)`` gives a batch's rows: class probabilities by default (``width``:
+    their number, default the class count)."""
     model.eval()
-    indices, labels, probs, skipped = [], [], [], 0
+    indices, labels, rows, skipped = [], [], [], 0
     for images, batch_labels, batch_indices, n_bad in loader:
         skipped += n_bad
         if images is None:
             continue
-        probs.append(class_probabilities(model, images.to(args.device, non_blocking=True), args))
+        rows.append(outputs(model, images.to(args.device, non_blocking=True), args).float())
         labels.append(batch_labels)
         indices.append(batch_indices)
-    probs = torch.cat(probs).cpu() if probs else torch.zeros(0, args.nb_classes)
+    rows = torch.cat(rows).cpu() if rows else torch.zeros(0, width or args.nb_classes)
     labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
     indices = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int64)
     bad = du.all_reduce_sum(torch.tensor([float(skipped)], device=args.device)).item()
     dataset_size = None if bad else len(loader.dataset)  # without skips: check every image came back once
-    idx, lab, prob = gather_unique_predictions(indices, labels, probs, dataset_size=dataset_size)
+    idx, lab, table = gather_unique_predictions(indices, labels, rows, dataset_size=dataset_size)
     if len(idx) == 0:
         raise DatasetError(f"no image of {loader.dataset.split_root} could be read")
     if bad:
         print(f"warning: {int(bad)} unreadable image(s) of {loader.dataset.split_root} are not in its metrics "
               "(named in the warnings above); --strict_data stops instead")
-    return idx, lab, prob, int(bad)
+    return idx, lab, table, int(bad)
 
 
 def validation_log(labels, probs, class_names, pos_class) -> dict:
@@ -571,9 +491,15 @@ def warn_on_groups_shared_between_splits(datasets, group_by: str) -> None:
 def split_predictions(model, dataset, args):
     """(files, labels, probs, groups) of one split on the main process (None elsewhere); a collective."""
     idx, labels, probs, _ = predict(model, make_loader(dataset, args, train=False), args)
+    return named_predictions(dataset, idx, labels, probs)
+
+
+def named_predictions(dataset, indices, labels, probs):
+    """(files, labels, probs, groups) of the samples ``indices`` of ``dataset`` on the main process, None elsewhere."""
     if not du.is_main_process():
         return None
-    return ([dataset.sample_name(int(i)) for i in idx], labels, probs, [dataset.sample_group(int(i)) for i in idx])
+    return ([dataset.sample_name(int(i)) for i in indices], labels, probs,
+            [dataset.sample_group(int(i)) for i in indices])
 
 
 def operating_threshold(predictions, pos_class, args):
@@ -592,13 +518,15 @@ def operating_threshold(predictions, pos_class, args):
                        "achieved": achieved}
 
 
-def evaluate_and_report(model, datasets, splits, args, class_names, pos_class) -> dict:
+def evaluate_and_report(predict_split, splits, args, class_names, pos_class) -> dict:
     """Full evaluation of ``splits`` (val first when an operating point is chosen on it): every output
-    file and the printed tables on the main process. Returns ``{split: results}`` there, ``{}`` elsewhere."""
+    file and the printed tables on the main process. ``predict_split(split)`` gives a split's
+    (files, labels, probs, groups) on the main process and None elsewhere (a collective: every process
+    calls it). Returns ``{split: results}`` on the main process, ``{}`` elsewhere."""
     needed = list(splits)
     if target_operating_point(args) and "val" not in needed:
         needed.insert(0, "val")
-    predictions = {split: split_predictions(model, datasets[split], args) for split in needed}
+    predictions = {split: predict_split(split) for split in needed}
     if not du.is_main_process():
         return {}
     threshold, point = operating_threshold(predictions, pos_class, args)
@@ -609,6 +537,16 @@ def evaluate_and_report(model, datasets, splits, args, class_names, pos_class) -
                                             group_by=args.group_by, threshold=threshold, operating_point=point)
         print(format_results_table(reports[split], split))
     return reports
+
+
+def results_summary(reports: dict, **first) -> dict:
+    """The summary line of log.txt: ``first``, then each split's per-image and per-group metrics."""
+    summary = dict(first)
+    for split, results in reports.items():
+        summary.update({f"{split}_{k}": m["value"] for k, m in results["metrics"].items()})
+        summary.update({f"{split}_groups_{k}": m["value"] for k, m in results["group_level"]["metrics"].items()})
+        summary.update({f"{split}_n_images": results["n_images"], f"{split}_n_groups": results["n_groups"]})
+    return summary
 
 
 # ------------------------------------------------------------------------------ checkpoints out
@@ -658,19 +596,55 @@ def is_improvement(value: float, best: dict) -> bool:
 
 
 # ------------------------------------------------------------------------------ main
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
+class FineTuning:
+    """What this script does to the model that :func:`prepare` builds; main_linprobe.py's LinearProbe
+    changes these steps and shares everything else."""
+
+    eval_needs_resume = "--eval evaluates a fine-tuned model: pass it with --resume /path/to/checkpoint.pth"
+
+    def settings_from_checkpoint(self, args, recorded: dict, resume_ckpt) -> None:
+        """Settings the checkpoint decides when not given (none besides the model inputs here)."""
+
+    def check_resume_checkpoint(self, state: dict, class_names, recorded: dict, args) -> None:
+        check_head(state, args.nb_classes, class_names, args.resume_path)
+
+    def attach_transforms(self, datasets, args) -> None:
+        attach_transforms(datasets, args, args.data_mean, args.data_std)
+
+    def load_weights(self, model, resume_ckpt, args) -> None:
+        if resume_ckpt is not None:
+            print(load_finetuned(model, args.resume_path))
+        elif args.finetune:
+            print(load_pretrained(model, args.finetune))
+        else:
+            warnings.warn("no --finetune checkpoint: training from random initialisation")
+
+    def run(self, model, datasets, class_names, pos_class, resume_ckpt, args) -> None:
+        """After :func:`prepare`: --eval, or training."""
+        if args.eval:
+            run_evaluation(lambda split: split_predictions(model, datasets[split], args), class_names, pos_class,
+                           args)
+        else:
+            run_training(model, datasets, class_names, pos_class, resume_ckpt, args)
 
 
-def prepare(args):
-    """Everything both modes need: data, classes, model with its weights. Returns
-    (model, datasets, class_names, pos_class, resume checkpoint or None)."""
+def prepare_and_run(args, task=None) -> None:
+    """The classification scripts after :func:`util.training.start_run`: prepare, run, leave the process group."""
+    task = task or FineTuning()
+    try:
+        task.run(*prepare(args, task), args)
+    finally:
+        du.cleanup()
+
+
+def prepare(args, task=None):
+    """Everything both modes need: data, classes, model with its weights (``task``: this script's
+    FineTuning by default). Returns (model, datasets, class_names, pos_class, resume checkpoint or None)."""
+    task = task or FineTuning()
     check_split_folders(args)
     args.resume_path = resume_path(args)
     if args.eval and not args.resume_path:
-        raise SystemExit("--eval evaluates a fine-tuned model: pass it with --resume /path/to/checkpoint.pth")
+        raise SystemExit(task.eval_needs_resume)
     if args.finetune and args.resume_path:
         print(f"--resume {args.resume_path} given: --finetune {args.finetune} is not loaded")
     resume_ckpt = None
@@ -680,6 +654,7 @@ def prepare(args):
     finetune_ckpt = load_checkpoint_file(args.finetune) if args.finetune and not resume_ckpt else None
     recorded = recorded_args(resume_ckpt or finetune_ckpt)
     resolve_model_inputs(args, resume_ckpt or finetune_ckpt, recorded)
+    task.settings_from_checkpoint(args, recorded, resume_ckpt)
     if resume_ckpt is not None:
         warn_on_blur_change(args, recorded)
     found = find_class_names(args.data_path, SPLITS)
@@ -687,7 +662,7 @@ def prepare(args):
                                       args.nb_classes, args.data_path)
     args.nb_classes, args.class_names = len(class_names), class_names
     if resume_ckpt is not None:  # before any data is read: the cheapest and most telling check
-        check_head(extract_state_dict(resume_ckpt, args.resume_path), args.nb_classes, class_names, args.resume_path)
+        task.check_resume_checkpoint(extract_state_dict(resume_ckpt, args.resume_path), class_names, recorded, args)
     try:
         pos_class = resolve_pos_class(args.pos_class if args.pos_class is not None else 1, class_names)
     except ValueError as err:
@@ -695,63 +670,43 @@ def prepare(args):
     datasets = build_datasets(args, class_names)
     prepare_evaluation(datasets, class_names, args)
     args.data_mean, args.data_std = normalisation(args, datasets, recorded)
-    attach_transforms(datasets, args, args.data_mean, args.data_std)
+    task.attach_transforms(datasets, args)
     describe_data(datasets, class_names, pos_class, args)
 
     model = build_model(args)
-    if resume_ckpt is not None:
-        print(load_finetuned(model, args.resume_path))
-    elif args.finetune:
-        print(load_pretrained(model, args.finetune))
-    else:
-        warnings.warn("no --finetune checkpoint: training from random initialisation")
+    task.load_weights(model, resume_ckpt, args)
     del finetune_ckpt
     return model.to(args.device), datasets, class_names, pos_class, resume_ckpt
 
 
-def run_evaluation(model, datasets, class_names, pos_class, args) -> None:
-    evaluate_and_report(model, datasets, (args.eval_split,), args, class_names, pos_class)
+def run_evaluation(predict_split, class_names, pos_class, args) -> None:
+    """``--eval``: the full evaluation of ``--eval_split`` (see :func:`evaluate_and_report`)."""
+    evaluate_and_report(predict_split, (args.eval_split,), args, class_names, pos_class)
     if du.is_main_process():
         print(f"results written to {os.path.join(args.output_dir, 'results.json')} (and .txt, predictions, figures)")
 
 
-def run_training(model, datasets, class_names, pos_class, resume_ckpt, args) -> None:
-    args.lr = effective_lr(args, du.get_world_size())
-    train_loader = make_loader(datasets["train"], args, train=True)
-    val_loader = make_loader(datasets["val"], args, train=False)
-    dtype = amp_dtype(args)
-    scaler = torch.amp.GradScaler(str(args.device).split(":")[0]) if dtype == torch.float16 else None
-    optimizer = build_optimizer(model, args)
-    best = restore_training_state(resume_ckpt, args.resume_path, optimizer, scaler, args) if resume_ckpt else {}
-    del resume_ckpt
-    mixup_fn = build_mixup(args)
-    criterion = build_criterion(args, mixup_fn)
+def train_epochs(model, train_model, loader, optimizer, scaler, criterion, mixup_fn, validate, best,
+                 class_names, pos_class, args):
+    """The epochs of a classifier's training: train, validate (``validate()`` gives the val split's
+    labels and probabilities on every process), keep checkpoint-best.pth by the selection metric and
+    checkpoint-last.pth, log, and stop early after ``--early_stops`` epochs without improvement (None:
+    never). ``train_model`` is ``model`` as trained (DDP-wrapped, or a view of it). Returns (the best
+    epoch's record, whether training finished rather than being interrupted by SIGTERM)."""
     metric = SELECT_METRICS[args.select_metric]
-
-    train_model = model
-    if args.distributed:
-        device_ids = [args.local_rank] if str(args.device).startswith("cuda") else None
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    writer = None
-    if du.is_main_process():
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(log_dir=args.log_dir or args.output_dir)
-    print(f"model {args.model}, lr {args.lr:.3e} (layer decay {args.layer_decay}, weight decay "
-          f"{args.weight_decay}), effective batch {args.batch_size * args.accum_iter * du.get_world_size()}, "
-          f"amp {dtype}, device {args.device}; selecting on val {metric}, early stop after "
-          f"{args.early_stops} epochs without improvement")
-
+    patience = args.early_stops
+    writer = open_writer(args)
     stop_flag = {}
     install_sigterm_handler(stop_flag)
     guard = NonFiniteGuard(args.max_nonfinite, args.device, args.output_dir, args.distributed)
     finished = True
     for epoch in range(args.start_epoch, args.epochs):
-        if best and epoch - best["epoch"] > args.early_stops:
+        if best and patience is not None and epoch - best["epoch"] > patience:
             break  # a resumed run that had already stopped early
-        start_epoch_data(train_loader, epoch, args)
+        start_epoch_data(loader, epoch, args)
         try:
-            stats = train_one_epoch(train_model, train_loader, optimizer, scaler, criterion, mixup_fn, epoch,
-                                    args, writer, stop_flag, guard)
+            stats = train_one_epoch(train_model, loader, optimizer, scaler, criterion, mixup_fn, epoch, args, writer,
+                                    stop_flag, guard)
         except StopTraining as err:
             raise SystemExit(str(err))
         if stats.pop("interrupted"):
@@ -761,9 +716,8 @@ def run_training(model, datasets, class_names, pos_class, resume_ckpt, args) -> 
             print(f"SIGTERM received during epoch {epoch}: saved checkpoint-last.pth; exiting", flush=True)
             finished = False
             break
-        _, labels, probs, _ = predict(model, val_loader, args)
         log = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
-               **validation_log(labels, probs, class_names, pos_class)}
+               **validation_log(*validate(), class_names, pos_class)}
         if is_improvement(log[f"val_{metric}"], best):
             best = {"epoch": epoch, "metric": metric, "value": log[f"val_{metric}"]}
             if du.is_main_process():
@@ -776,16 +730,41 @@ def run_training(model, datasets, class_names, pos_class, resume_ckpt, args) -> 
             print(f"SIGTERM received: checkpoint of epoch {epoch} saved; exiting", flush=True)
             finished = False
             break
-        if epoch - best["epoch"] >= args.early_stops:
-            print(f"early stop: no better val {metric} for {args.early_stops} epochs since epoch {best['epoch']}")
+        if patience is not None and epoch - best["epoch"] >= patience:
+            print(f"early stop: no better val {metric} for {patience} epochs since epoch {best['epoch']}")
             break
     if writer is not None:
         writer.close()
+    return best, finished
+
+
+def run_training(model, datasets, class_names, pos_class, resume_ckpt, args) -> None:
+    args.lr = effective_lr(args, du.get_world_size())
+    train_loader = make_loader(datasets["train"], args, train=True)
+    val_loader = make_loader(datasets["val"], args, train=False)
+    scaler = grad_scaler(args)
+    optimizer = build_optimizer(model, args)
+    best = restore_training_state(resume_ckpt, args.resume_path, optimizer, scaler, args) if resume_ckpt else {}
+    del resume_ckpt
+    mixup_fn = build_mixup(args)
+    criterion = build_criterion(args, mixup_fn)
+    print(f"model {args.model}, lr {args.lr:.3e} (layer decay {args.layer_decay}, weight decay "
+          f"{args.weight_decay}), effective batch {args.batch_size * args.accum_iter * du.get_world_size()}, "
+          f"amp {amp_dtype(args)}, device {args.device}; selecting on val {SELECT_METRICS[args.select_metric]}, "
+          f"early stop after {args.early_stops} epochs without improvement")
+
+    def validate():
+        _, labels, probs, _ = predict(model, val_loader, args)
+        return labels, probs
+
+    best, finished = train_epochs(model, wrap_ddp(model, args), train_loader, optimizer, scaler, criterion, mixup_fn,
+                                  validate, best, class_names, pos_class, args)
     if finished:
-        evaluate_best(model, datasets, class_names, pos_class, best, args)
+        evaluate_best(model, best, lambda split: split_predictions(model, datasets[split], args), class_names,
+                      pos_class, args)
 
 
-def evaluate_best(model, datasets, class_names, pos_class, best, args) -> None:
+def evaluate_best(model, best, predict_split, class_names, pos_class, args) -> None:
     """Validation and test splits with the best checkpoint (always, however training ended)."""
     du.barrier()  # the main process has finished writing checkpoint-best.pth
     path = os.path.join(args.output_dir, "checkpoint-best.pth")
@@ -794,12 +773,9 @@ def evaluate_best(model, datasets, class_names, pos_class, best, args) -> None:
                          "process can read")
     load_weights(model, path, allowed_missing=(), allow_unexpected=False)
     print(f"evaluating the best model (epoch {best.get('epoch')}) on val and test")
-    summary = {"best_epoch": best.get("epoch"), "select_metric": best.get("metric")}
-    for split, results in evaluate_and_report(model, datasets, ("val", "test"), args, class_names, pos_class).items():
-        summary.update({f"{split}_{k}": m["value"] for k, m in results["metrics"].items()})
-        summary.update({f"{split}_groups_{k}": m["value"] for k, m in results["group_level"]["metrics"].items()})
-        summary.update({f"{split}_n_images": results["n_images"], f"{split}_n_groups": results["n_groups"]})
+    reports = evaluate_and_report(predict_split, ("val", "test"), args, class_names, pos_class)
     if du.is_main_process():
+        summary = results_summary(reports, best_epoch=best.get("epoch"), select_metric=best.get("metric"))
         append_log(args.output_dir, summary, None, 0)
 
 
@@ -830,21 +806,8 @@ def invalid_finetune_flags(args) -> list:
 
 
 def main(args):
-    refuse_invalid_flags(invalid_training_flags(args) + invalid_finetune_flags(args))
-    du.init_distributed(args)
-    check_writable(args.output_dir)
-    check_log_not_linked(args.output_dir)
-    seed_everything(args.seed + du.get_rank())
-    if str(args.device).startswith("cuda"):
-        torch.backends.cudnn.benchmark = True
-    try:
-        model, datasets, class_names, pos_class, resume_ckpt = prepare(args)
-        if args.eval:
-            run_evaluation(model, datasets, class_names, pos_class, args)
-        else:
-            run_training(model, datasets, class_names, pos_class, resume_ckpt, args)
-    finally:
-        du.cleanup()
+    start_run(args, invalid_training_flags(args) + invalid_finetune_flags(args))
+    prepare_and_run(args)
 
 
 def cli(argv=None):

@@ -10,104 +10,82 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import re
-import time
 import warnings
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from models_mae import LOSS_REGIONS, is_deblurring_model
+from models_mae import is_deblurring_model
 from util import distributed as du
-from util.blur import add_blur_arguments, blur_spec_from_args
+from util.arguments import (LOSS_REGIONS, PRETRAIN_MODELS, add_blur_arguments, add_channel_arguments,
+                            add_launch_arguments, add_loader_arguments, add_model_group, add_output_arguments,
+                            add_precision_arguments, add_resume_arguments, add_schedule_arguments, input_hw)
+from util.blur import blur_spec_from_args
 from util.checkpoint import (load_auto_resume_checkpoint, load_checkpoint_file, load_weights, numbered_checkpoints,
                              save_checkpoint)
 from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, PixelNormaliser, PretrainDataset, SeededSampler,
                            collate_skip_bad, dataset_mean_std, split_folder, worker_options)
-from util.fileio import check_writable
 from util.lr_decay import param_groups
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.registry import pretrain_models
-from util.training import (NonFiniteGuard, StopTraining, accumulate_backward, amp_dtype, append_log,
-                            check_log_not_linked, epoch_seed, install_sigterm_handler, invalid_training_flags,
-                            log_progress, plain_args, refuse_invalid_flags, run_cli, step_optimizer)
+from util.training import (EpochMeter, NonFiniteGuard, StopTraining, accumulate_backward, amp_dtype, append_log,
+                           autocast, device_type, epoch_seed, grad_scaler, install_sigterm_handler,
+                           invalid_training_flags, open_writer, plain_args, resume_path, run_cli, start_run,
+                           step_optimizer, wrap_ddp)
 from util.visualize import panels_to_grid, reconstruction_panels, save_grid_png
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Deblurring MIM pretraining", add_help=True)
-    p.add_argument("--model", default="dmae_vit_base_patch16", type=str,
-                   help="pretraining model; see README for the list (wrong names list the valid ones)")
-    p.add_argument("--batch_size", default=64, type=int, help="images per GPU per iteration")
-    p.add_argument("--epochs", default=800, type=int)
-    p.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
-    p.add_argument("--input_size", default=[224], type=int, nargs="+",
-                   help="input size: one number (square) or H W; divisible by the patch size")
-    p.add_argument("--in_chans", default=3, type=int, choices=(1, 3),
-                   help="1 trains on grey images with the dataset's mean/std; 3 (default) uses "
-                        "ImageNet normalisation, as the published checkpoints")
-    p.add_argument("--keep_channels", action="store_true",
-                   help="keep colour images in colour, for the input and the target alike (default: both "
-                        "converted to grey, as blurred_images.py does); needs --in_chans 3")
-    p.add_argument("--mask_ratio", default=0.75, type=float)
-    p.add_argument("--norm_pix_loss", action="store_true", help="normalise each target patch")
-    p.add_argument("--loss_on", default=None, choices=LOSS_REGIONS,
-                   help="masked patches or all patches (default: all for d* models, masked otherwise)")
-    # optimisation
-    p.add_argument("--weight_decay", type=float, default=0.05)
-    p.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * eff. batch / 256)")
-    p.add_argument("--blr", type=float, default=1.5e-4)
-    p.add_argument("--min_lr", type=float, default=0.0)
-    p.add_argument("--warmup_epochs", type=float, default=40)
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
-                   help="mixed precision (auto: bf16 on GPUs that support it, fp16 on older ones, none on CPU)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA, where it is measured to be "
-                        "faster; off on CPU, where compiling costs more than it saves)")
-    p.add_argument("--max_nonfinite", type=int, default=20,
-                   help="stop after this many consecutive steps with a non-finite loss")
-    # data
-    p.add_argument("--data_path_blurred", default="", type=str,
-                   help="blurred tree (deblurring models) or the images (vanilla models)")
-    p.add_argument("--data_path_orig", default="", type=str, help="original (sharp) tree")
+    model = add_model_group(p, default="dmae_vit_base_patch16", names=PRETRAIN_MODELS, kind="pretraining model")
+    add_channel_arguments(model, from_checkpoint=False)
+    model.add_argument("--mask_ratio", default=0.75, type=float,
+                       help="fraction of the patches hidden from the encoder, in [0, 1)")
+    model.add_argument("--norm_pix_loss", action="store_true",
+                       help="normalise each target patch by its mean and variance before the loss")
+    model.add_argument("--loss_on", default=None, choices=LOSS_REGIONS,
+                       help="masked patches or all patches (default: all for d* models, masked otherwise)")
+
+    optimisation = p.add_argument_group("optimisation")
+    add_schedule_arguments(optimisation, batch_size=64, epochs=800, blr=1.5e-4, min_lr=0.0, warmup_epochs=40,
+                           weight_decay=0.05)
+    add_precision_arguments(optimisation)
+    optimisation.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                              help="torch.compile the model (default: on for CUDA, where it is measured to be "
+                                   "faster; off on CPU, where compiling costs more than it saves)")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--data_path_blurred", default="", type=str,
+                      help="blurred tree (deblurring models) or the images (vanilla models)")
+    data.add_argument("--data_path_orig", default="", type=str, help="original (sharp) tree")
+    data.add_argument("--num_train", type=int, default=-1, help="use this many training images (-1: all)")
+    add_loader_arguments(data)
+    data.add_argument("--compute_stats", action="store_true",
+                      help="compute the normalisation mean/std from the training images (default with --in_chans 1)")
+    data.add_argument("--cache_dir", default="", type=str,
+                      help="keep the decoded (and blurred) images in a memory-mapped cache here, built once "
+                           "(about H x W x channels bytes per image, twice for pairs); later epochs and runs "
+                           "skip decoding and blurring. Keyed by the files and blur settings, safe to delete")
+    data.add_argument("--cache_only", action="store_true", help="build the --cache_dir cache, then exit")
     add_blur_arguments(p, prefix="blur_", method_flag="--blur", default_method=None)
-    p.add_argument("--num_train", type=int, default=-1, help="use this many training images (-1: all)")
-    p.add_argument("--strict_data", action="store_true", help="stop at an unreadable image instead of skipping it")
-    p.add_argument("--data_mean", type=float, nargs="+", default=None)
-    p.add_argument("--data_std", type=float, nargs="+", default=None)
-    p.add_argument("--compute_stats", action="store_true",
-                   help="compute the normalisation mean/std from the training images (default with --in_chans 1)")
-    p.add_argument("--num_workers", default=10, type=int)
-    p.add_argument("--cache_dir", default="", type=str,
-                   help="keep the decoded (and blurred) images in a memory-mapped cache here, built once "
-                        "(about H x W x channels bytes per image, twice for pairs); later epochs and runs "
-                        "skip decoding and blurring. Keyed by the files and blur settings, safe to delete")
-    p.add_argument("--cache_only", action="store_true", help="build the --cache_dir cache, then exit")
-    p.add_argument("--pin_mem", action="store_true", default=True)
-    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
-    # outputs
-    p.add_argument("--output_dir", "--output", default="./output_dir", type=str)
-    p.add_argument("--log_dir", default=None, type=str, help="TensorBoard folder (default: output_dir)")
-    p.add_argument("--save_freq", default=10, type=int, help="save checkpoint-{epoch}.pth every N epochs")
-    p.add_argument("--keep_last", default=0, type=int, help="keep only the N newest numbered checkpoints (0: all)")
-    p.add_argument("--eval_freq", default=10, type=int, help="validation loss + figure every N epochs")
-    p.add_argument("--print_freq", default=20, type=int, help="log every N iterations")
-    p.add_argument("--resume", default="", help="checkpoint to resume from")
-    p.add_argument("--auto_resume", action="store_true", help="resume from output_dir/checkpoint-last.pth if present")
-    p.add_argument("--start_epoch", default=0, type=int)
-    p.add_argument("--seed", default=0, type=int)
-    p.add_argument("--max_steps_per_epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests/benchmarks
-    du.add_launch_arguments(p)
+
+    outputs = add_output_arguments(p)
+    outputs.add_argument("--eval_freq", default=10, type=int,
+                         help="validation loss and reconstruction figure every N epochs (and at the end)")
+    outputs.add_argument("--max_steps_per_epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests/benchmarks
+    checkpoints = p.add_argument_group("checkpoints")
+    checkpoints.add_argument("--save_freq", default=10, type=int,
+                             help="save checkpoint-{epoch}.pth every N epochs (and at the end); "
+                                  "checkpoint-last.pth every epoch")
+    checkpoints.add_argument("--keep_last", default=0, type=int,
+                             help="keep only the N newest numbered checkpoints (0: all)")
+    add_resume_arguments(checkpoints, resume_help="checkpoint to resume from (weights, optimizer, epoch)")
+    add_launch_arguments(p)
     return p
 
 
 # ------------------------------------------------------------------------------ set-up
-def input_hw(args):
-    size = args.input_size
-    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
-
-
 def loss_region(args) -> str:
     return args.loss_on or ("all" if is_deblurring_model(args.model) else "masked")
 
@@ -237,7 +215,7 @@ def make_loader(dataset, args, train: bool):
     # persistent workers start, which differs between a resumed and an uninterrupted run).
     generator = torch.Generator().manual_seed(args.seed + du.get_rank())
     loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-                        pin_memory=args.pin_mem and str(args.device).startswith("cuda"), drop_last=train,
+                        pin_memory=args.pin_mem and device_type(args) == "cuda", drop_last=train,
                         persistent_workers=train and args.num_workers > 0, collate_fn=collate_skip_bad,
                         generator=generator, **worker_options(args.num_workers))
     if train and len(loader) == 0:  # incomplete batches are dropped: not one step would run
@@ -255,11 +233,18 @@ def start_epoch_data(loader, epoch: int, args) -> None:
     torch.manual_seed(seed + 1)
 
 
-def build_optimizer(model, args):
+# AdamW implementations (tools/benchmark.py measures each): "fused" is one kernel per step and can skip a
+# step on the device; "plain" passes neither flag, as the published code does, and torch picks for itself.
+ADAMW_IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "plain": {}}
+
+
+def build_optimizer(model, args, implementation: str | None = None):
+    """AdamW with betas (0.9, 0.95), no weight decay on biases and 1-D parameters; fused (CUDA and CPU)
+    unless another ``implementation`` is asked for."""
+    if implementation is None:
+        implementation = "fused" if device_type(args) in ("cuda", "cpu") else "plain"
     groups = param_groups(model, args.weight_decay)
-    # fused AdamW (CUDA and CPU): one kernel per step, and it can skip a step on the device
-    fused = str(args.device).split(":")[0] in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=fused)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), **ADAMW_IMPLEMENTATIONS[implementation])
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -292,18 +277,9 @@ def prune_checkpoints(out_dir, keep_last):
         os.remove(path)
 
 
-def resume_path(args):
-    if args.resume:
-        return args.resume
-    last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    if args.auto_resume and os.path.isfile(last):
-        return last
-    return None
-
-
 def restore(model, optimizer, scaler, args):
     path = resume_path(args)
-    if path is None:
+    if not path:
         return
     ckpt = load_checkpoint_file(path) if args.resume else load_auto_resume_checkpoint(path)
     report = load_weights(model, ckpt, allow_unexpected=False, source_name=path)
@@ -319,57 +295,46 @@ def restore(model, optimizer, scaler, args):
 
 
 # ------------------------------------------------------------------------------ loops
+def pretrain_step(model, inputs, targets, optimizer, scaler, args, update: bool = True):
+    """One training step: the forward pass under autocast (``--amp``; the loss in fp32), the backward of
+    loss / ``--accum_iter``, and when ``update`` the optimizer step, skipped on the device when the loss
+    or a gradient is not finite. ``model`` may be compiled (:func:`compiled`) and DDP-wrapped.
+
+    Returns the detached loss and whether it was finite, 0-d tensors on the device: no host sync.
+    tools/benchmark.py times this very function.
+    """
+    with autocast(args):
+        loss, _, _ = model(inputs, targets, mask_ratio=args.mask_ratio)
+    finite = torch.isfinite(loss.detach())
+    accumulate_backward(model, loss, scaler, args, update)
+    if update:
+        fused_skip = bool(optimizer.defaults.get("fused")) and scaler is None
+        step_optimizer(optimizer, scaler, finite, fused_skip)
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), finite
+
+
 def train_one_epoch(model, loader, optimizer, scaler, epoch, args, norm, writer, stop_flag, guard):
     model.train()
-    device = args.device
-    dtype = amp_dtype(args)
     steps = len(loader) if not args.max_steps_per_epoch else min(len(loader), args.max_steps_per_epoch)
-    # Running totals stay on the device; they are read (one sync) only at log intervals.
-    loss_sum = torch.zeros((), device=device)
-    finite_steps = torch.zeros((), device=device)
-    nonfinite = torch.zeros((), device=device)
-    images, skipped, start, steps_run = 0, 0, time.time(), 0
-    fused_skip = bool(optimizer.defaults.get("fused")) and scaler is None
+    meter = EpochMeter(epoch, steps, args, guard, writer)
     interrupted = False
     optimizer.zero_grad(set_to_none=True)
-    lr = 0.0
     for it, (inputs, targets, n_bad) in enumerate(loader):
         if it >= steps:
             break
-        skipped += n_bad
+        meter.skipped(n_bad)
         if it % args.accum_iter == 0:
-            lr = adjust_learning_rate(optimizer, epoch + it / steps, args)
+            meter.lr = adjust_learning_rate(optimizer, epoch + it / steps, args)
         inputs = norm(inputs)
         targets = norm(targets) if targets is not None else None
-        with torch.autocast(device_type=device.split(":")[0], dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, _, _ = model(inputs, targets, mask_ratio=args.mask_ratio)
-        finite = torch.isfinite(loss.detach())
-        nonfinite += (~finite).float()
-        finite_steps += finite.float()
-        loss_sum += torch.where(finite, loss.detach(), torch.zeros_like(loss.detach()))
-        update = (it + 1) % args.accum_iter == 0
-        accumulate_backward(model, loss, scaler, args, update)
-        if update:
-            step_optimizer(optimizer, scaler, finite, fused_skip)
-            optimizer.zero_grad(set_to_none=True)
-        images += inputs.shape[0]
-        steps_run += 1
-        guard.step(finite)
-        if (it + 1) % args.print_freq == 0 or it + 1 == steps:
-            guard.check()
-            log_progress(epoch, it, steps, loss_sum / finite_steps.clamp_min(1), images, start, lr, writer, args)
+        loss, finite = pretrain_step(model, inputs, targets, optimizer, scaler, args,
+                                     update=(it + 1) % args.accum_iter == 0)
+        meter.step(it, loss, finite, inputs.shape[0])
         if stop_flag.get("stop"):
             interrupted = it + 1 < steps
             break
-    totals = torch.stack([loss_sum, finite_steps, nonfinite, torch.tensor(float(images), device=device),
-                          torch.tensor(float(skipped), device=device)])
-    du.all_reduce_sum(totals)
-    loss_total, good_steps, bad_total, images_total, skipped_total = totals.tolist()
-    guard.end_epoch(epoch, steps_run, good_steps)
-    elapsed = time.time() - start
-    return {"loss": loss_total / max(good_steps, 1), "lr": lr, "nonfinite_steps": int(bad_total),
-            "skipped_files": int(skipped_total), "images_per_sec": images_total / max(elapsed, 1e-9),
-            "interrupted": interrupted}
+    return meter.finish(interrupted)
 
 
 @torch.no_grad()
@@ -378,14 +343,12 @@ def evaluate(model, loader, args, norm):
     model.eval()
     gen = torch.Generator().manual_seed(args.seed)
     total = torch.zeros(2, device=args.device)
-    dtype = amp_dtype(args)
-    raw = getattr(model, "module", model)
     for inputs, targets, _ in loader:
         inputs = norm(inputs)
         targets = norm(targets) if targets is not None else None
-        noise = torch.rand(inputs.shape[0], raw.num_patches, generator=gen).to(args.device)
-        with torch.autocast(device_type=args.device.split(":")[0], dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, _, _ = raw(inputs, targets, mask_ratio=args.mask_ratio, noise=noise)
+        noise = torch.rand(inputs.shape[0], model.num_patches, generator=gen).to(args.device)
+        with autocast(args):
+            loss, _, _ = model(inputs, targets, mask_ratio=args.mask_ratio, noise=noise)
         total += torch.stack([loss.float() * inputs.shape[0], torch.tensor(float(inputs.shape[0]), device=args.device)])
     du.all_reduce_sum(total)
     loss_sum, count = total.tolist()
@@ -396,10 +359,9 @@ def write_figure(model, dataset, norm, epoch, args, writer):
     pixels, target_pixels, _ = collate_skip_bad([dataset[i] for i in range(min(4, len(dataset)))])
     inputs = norm(pixels)
     targets = norm(target_pixels) if target_pixels is not None else inputs
-    raw = getattr(model, "module", model)
-    noise = torch.rand(len(inputs), raw.num_patches, generator=torch.Generator().manual_seed(args.seed))
-    raw.eval()
-    panels = reconstruction_panels(raw, inputs, targets, norm.mean, norm.std, args.mask_ratio,
+    noise = torch.rand(len(inputs), model.num_patches, generator=torch.Generator().manual_seed(args.seed))
+    model.eval()
+    panels = reconstruction_panels(model, inputs, targets, norm.mean, norm.std, args.mask_ratio,
                                    noise.to(args.device))
     grid = panels_to_grid(panels)
     path = os.path.join(args.output_dir, f"reconstruction-{epoch}.png")
@@ -408,30 +370,22 @@ def write_figure(model, dataset, norm, epoch, args, writer):
         writer.add_image("reconstruction", grid, epoch, dataformats="HWC")
 
 
-def compiled(model, args):
-    """``torch.compile`` when asked, or by default on CUDA. Measured on the H200 for the published
-    models (../shared/PERFORMANCE.md): +38 % img/s for Deblurring MAE-B, +43 % for Deblurring
+def compiled(model, args, mode: str | None = None):
+    """``torch.compile`` (with ``mode``) when asked, or by default on CUDA. Measured on the H200 for the
+    published models (docs/performance.md): +38 % img/s for Deblurring MAE-B, +43 % for Deblurring
     ConvMAE-B. When compiling was not asked for explicitly, a compiler failure (e.g. no C compiler
     for Triton) falls back to eager execution with a warning instead of stopping the run."""
     if args.compile is None:
-        args.compile = str(args.device).startswith("cuda")
+        args.compile = device_type(args) == "cuda"
         if args.compile:
-            import torch._dynamo
-            torch._dynamo.config.suppress_errors = True
-    return torch.compile(model) if args.compile else model
+            import torch._dynamo as dynamo  # (a plain `import torch._dynamo` would make `torch` local here)
+            dynamo.config.suppress_errors = True
+    return torch.compile(model, mode=mode) if args.compile else model
 
 
 # ------------------------------------------------------------------------------ main
 def main(args):
-    refuse_invalid_flags(invalid_training_flags(args) + invalid_pretrain_flags(args))
-    du.init_distributed(args)
-    check_writable(args.output_dir)
-    check_log_not_linked(args.output_dir)
-    if str(args.device).startswith("cuda"):
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest convs
-    seed = args.seed + du.get_rank()
-    torch.manual_seed(seed)
-    random.seed(seed)
+    start_run(args, invalid_training_flags(args) + invalid_pretrain_flags(args))
     registry = pretrain_models()
     if args.model not in registry:
         raise SystemExit(f"unknown --model '{args.model}'. Valid names: {', '.join(registry.names())}")
@@ -455,24 +409,16 @@ def main(args):
     loss_on = loss_region(args)
     model = registry.create(args.model, img_size=input_hw(args), in_chans=args.in_chans,
                             norm_pix_loss=args.norm_pix_loss, loss_on=loss_on).to(args.device)
-    dtype = amp_dtype(args)
-    scaler = torch.amp.GradScaler(str(args.device).split(":")[0]) if dtype == torch.float16 else None
+    scaler = grad_scaler(args)
     optimizer = build_optimizer(model, args)
     restore(model, optimizer, scaler, args)
     # recorded in the checkpoint's args, so tools can rebuild the model and its normalisation
     args.loss_on, args.data_mean, args.data_std = loss_on, mean, std
 
-    train_model = compiled(model, args)
-    if args.distributed:
-        device_ids = [args.local_rank] if str(args.device).startswith("cuda") else None
-        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=device_ids,
-                                                                gradient_as_bucket_view=True)
-    writer = None
-    if du.is_main_process():
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(log_dir=args.log_dir or args.output_dir)
+    train_model = wrap_ddp(compiled(model, args), args, gradient_as_bucket_view=True)
+    writer = open_writer(args)
     print(f"model {args.model} (loss on {loss_on} patches), lr {args.lr:.3e}, effective batch "
-          f"{args.batch_size * args.accum_iter * du.get_world_size()}, amp {dtype}, device {args.device}")
+          f"{args.batch_size * args.accum_iter * du.get_world_size()}, amp {amp_dtype(args)}, device {args.device}")
 
     stop_flag = {}
     install_sigterm_handler(stop_flag)

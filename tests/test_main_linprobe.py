@@ -1,6 +1,7 @@
 """main_linprobe.py (linear probing and k-NN of a frozen encoder), util/lars.py and util/knn.py on CPU:
 tiny models, images made here."""
 import argparse
+import csv
 import io
 import json
 import math
@@ -69,6 +70,12 @@ def read_log(out):
 
 def saved_results(out, split="test"):
     return json.load(open(os.path.join(out, "results.json")))[split]
+
+
+def predicted_probs(path):
+    """The class-probability columns of a predictions CSV, one row per image."""
+    with open(path, newline="") as f:
+        return np.array([[float(v) for k, v in row.items() if k.startswith("prob_")] for row in csv.DictReader(f)])
 
 
 def encoder_state(state):
@@ -189,15 +196,37 @@ def test_knn_run_writes_results_and_uses_k_and_t(dataset, pretrained, tmp_path):
     test = saved_results(tmp_path / "k1")
     assert test["n"] == N_TEST and set(test["metrics"]) == set(METRIC_NAMES)
     assert {k: m["value"] for k, m in test["metrics"].items()} == {k: summary[f"test_{k}"] for k in METRIC_NAMES}
-    probs = np.array([r.split(",")[3:] for r in open(tmp_path / "k1" / "predictions.csv").read().split()[1:]], float)
+    probs = predicted_probs(tmp_path / "k1" / "predictions.csv")
     assert set(probs.ravel()) == {0.0, 1.0}  # one neighbour: its class gets the whole vote
     # every training image votes with (almost) equal weight: the shares are the class frequencies (12/24)
     with pytest.warns(UserWarning, match="--knn_k 100 exceeds the 24 training images"):
         main_linprobe.cli(args_for(dataset, tmp_path / "all", "--finetune", ckpt, "--knn", "--knn_k", "100",
                                    "--knn_t", "1000"))
-    probs = np.array([r.split(",")[3:] for r in open(tmp_path / "all" / "predictions.csv").read().split()[1:]], float)
+    probs = predicted_probs(tmp_path / "all" / "predictions.csv")
     np.testing.assert_allclose(probs, 0.5, atol=2e-3)
     assert read_log(tmp_path / "all")[-1]["knn_k"] == 24
+
+
+def test_per_group_results_and_an_operating_point_as_main_finetune(dataset, pretrained, tmp_path):
+    """The evaluation path of main_finetune.py: --groups/--group_by, --target_sensitivity chosen on val."""
+    groups_csv = tmp_path / "groups.csv"
+    rows = ["file,group"] + [f"{split}/{sub}/{name},{split}-{sub}-{int(name[len(split):-4]) // 4}"
+                             for split in ("train", "val", "test") for sub in ("benign", "malignant")
+                             for name in sorted(os.listdir(dataset / split / sub))]
+    groups_csv.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    main_linprobe.cli(args_for(dataset, out, "--finetune", str(pretrained["dmae_vit_tiny_patch16"]), "--knn",
+                               "--knn_k", "5", "--groups", str(groups_csv), "--target_sensitivity", "0.75"))
+    test, val = saved_results(out), saved_results(out, "val")
+    assert test["group_by"] == "csv" and test["n_images"] == N_TEST and test["n_groups"] == 4
+    assert test["group_level"]["n"] == 4 and test["bootstrap"]["resamples"] == "groups"
+    for results in (test, val):
+        assert results["operating_point"]["rule"] == "target_sensitivity"
+        assert results["operating_point"]["chosen_on"] == "val"
+    assert val["group_level"]["metrics"]["recall"]["value"] >= 0.75
+    assert {"predictions_groups.csv", "confusion_matrix_groups.png"} <= set(os.listdir(out))
+    summary = read_log(out)[-1]
+    assert summary["test_n_groups"] == 4 and "test_groups_accuracy" in summary
 
 
 # ------------------------------------------------------------------------------ linear probing end to end
@@ -236,7 +265,7 @@ def test_probe_writes_every_output_with_the_best_head(vit_probe):
     best_epoch = next(e for e in read_log(vit_probe) if e.get("epoch") == summary["best_epoch"])
     assert saved_results(vit_probe, "val")["metrics"]["accuracy"]["value"] == best_epoch["val_accuracy"]
     rows = open(vit_probe / "predictions.csv").read().splitlines()
-    assert rows[0] == "file,label,predicted,prob_benign,prob_malignant" and len(rows) == N_TEST + 1
+    assert rows[0] == "file,label,predicted,prob_benign,prob_malignant,group" and len(rows) == N_TEST + 1
     recorded = torch.load(vit_probe / "checkpoint-best.pth", weights_only=True)["args"]
     assert recorded["in_chans"] == 1 and recorded["input_size"] == [32, 48] and recorded["optimizer"] == "sgd"
 
@@ -268,16 +297,16 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(dataset, pretrained, t
     # resumed, must give the same later epochs and the same final head, bit for bit
     args = ["--finetune", str(pretrained["dmae_vit_tiny_patch16"]), "--epochs", "3", "--warmup_epochs", "1",
             "--lr", "50", "--n_boot", "0"]
-    real_save_last = main_linprobe.save_last
+    real_save_last = main_finetune.save_last  # the epoch loop is main_finetune.train_epochs
 
     def save_last_and_keep_epoch_0(model, optimizer, scaler, epoch, best, run_args):
         real_save_last(model, optimizer, scaler, epoch, best, run_args)
         if epoch == 0:
             shutil.copy(os.path.join(run_args.output_dir, "checkpoint-last.pth"), tmp_path / "epoch0.pth")
 
-    monkeypatch.setattr(main_linprobe, "save_last", save_last_and_keep_epoch_0)
+    monkeypatch.setattr(main_finetune, "save_last", save_last_and_keep_epoch_0)
     main_linprobe.cli(args_for(dataset, tmp_path / "full", *args))
-    monkeypatch.setattr(main_linprobe, "save_last", real_save_last)
+    monkeypatch.setattr(main_finetune, "save_last", real_save_last)
     main_linprobe.cli(args_for(dataset, tmp_path / "resumed", *args, "--resume", str(tmp_path / "epoch0.pth")))
     full = [e for e in read_log(tmp_path / "full") if "epoch" in e]
     resumed = [e for e in read_log(tmp_path / "resumed") if "epoch" in e]

@@ -4,9 +4,10 @@
     python tools/benchmark.py data  --data_path /data/orig --blur gaussian --num_workers 16 --batch_size 64
     python tools/benchmark.py e2e   --model dmae_vit_base_patch16 --data_path /data/orig --blur gaussian ...
 
-``model`` times forward + backward + AdamW on synthetic tensors (mask ratio 0.75) and reports
-images/s, step time, peak GPU memory and model TFLOP/s (FLOPs of one step counted by
-``torch.utils.flop_counter``). ``data`` times the DataLoader of ``main_pretrain.py`` over a folder
+``model`` times the training step of ``main_pretrain.py`` itself (``pretrain_step``: forward, loss,
+backward and AdamW, with its autocast, GradScaler and compilation) on synthetic tensors (mask ratio
+0.75) and reports images/s, step time, peak GPU memory and model TFLOP/s (FLOPs of one step counted
+by ``torch.utils.flop_counter``). ``data`` times the DataLoader of ``main_pretrain.py`` over a folder
 (paired, on-the-fly blur or plain). ``e2e`` feeds that loader into the model step. Every mode prints
 a table and, with ``--json``, writes the numbers. On a CPU use a tiny model and few steps
 (``--tiny`` sets both).
@@ -23,26 +24,26 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from main_pretrain import ADAMW_IMPLEMENTATIONS, build_optimizer, compiled, make_loader, pretrain_step  # noqa: E402
 from util.blur import add_blur_arguments, blur_spec_from_args  # noqa: E402
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD, PixelNormaliser, PretrainDataset  # noqa: E402
 from util.fileio import atomic_write_text  # noqa: E402
-from util.lr_decay import param_groups  # noqa: E402
 from util.registry import pretrain_models  # noqa: E402
-from util.training import step_optimizer  # noqa: E402
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# --precision -> main_pretrain.py's --amp
+PRECISIONS = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-# AdamW implementations. "plain" passes neither flag, as the published code does: torch then picks
-# the multi-tensor (foreach) kernels on CUDA and the per-parameter loop elsewhere.
-OPTIMIZERS = ("fused", "foreach", "plain")
+# AdamW implementations (main_pretrain.ADAMW_IMPLEMENTATIONS). "plain" passes neither flag, as the
+# published code does: torch then picks the multi-tensor (foreach) kernels on CUDA and the per-parameter
+# loop elsewhere.
+OPTIMIZERS = tuple(ADAMW_IMPLEMENTATIONS)
 DEFAULT_STEPS, DEFAULT_WARMUP = 30, 10
 
 
@@ -103,11 +104,6 @@ def uses_scaler(args) -> bool:
     return setting == "on" or (setting == "auto" and args.precision == "fp16")
 
 
-def make_optimizer(model, name: str):
-    kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True}, "plain": {}}[name]
-    return torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), **kwargs)
-
-
 def optimizer_impl(name: str, device: str) -> str:
     """The AdamW kernels that run: "plain" resolves as torch resolves it."""
     if name == "plain":
@@ -115,24 +111,29 @@ def optimizer_impl(name: str, device: str) -> str:
     return name
 
 
+def step_settings(args) -> argparse.Namespace:
+    """The settings main_pretrain.pretrain_step reads, from the benchmark's flags (one process, no
+    accumulation; the lr and weight decay only set the size of the updates)."""
+    return argparse.Namespace(device=args.device, amp=PRECISIONS[args.precision], mask_ratio=args.mask_ratio,
+                              accum_iter=1, distributed=False, lr=1e-4, weight_decay=0.05, compile=args.compile)
+
+
 def build_step(args):
-    """Model, optimizer and a ``step(inputs, targets) -> loss`` closure as in main_pretrain.py.
+    """Model and a ``step(inputs, targets) -> loss`` closure that runs main_pretrain.pretrain_step, the
+    training step itself, with the optimizer and compilation main_pretrain.py builds.
 
     The levers (``args.optimizer``, ``args.scaler``, ``args.compile_mode``, ``args.channels_last``)
     default to the training configuration when absent from ``args``.
     """
-    device_type = args.device.split(":")[0]
     channels_last = getattr(args, "channels_last", False)
-    opt_name = getattr(args, "optimizer", "fused")
     mode = getattr(args, "compile_mode", "default")
+    settings = step_settings(args)
     model = pretrain_models().create(args.model, img_size=args.input_size, in_chans=args.in_chans).to(args.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, opt_name)
-    fused = opt_name == "fused"
-    dtype = PRECISIONS[args.precision]
-    scaler = torch.amp.GradScaler(device_type) if uses_scaler(args) else None
-    run = torch.compile(model, mode=None if mode == "default" else mode) if args.compile else model
+    optimizer = build_optimizer(model, settings, getattr(args, "optimizer", "fused"))
+    scaler = torch.amp.GradScaler(torch.device(args.device).type) if uses_scaler(args) else None
+    run = compiled(model, settings, mode=None if mode == "default" else mode)
     # CUDA graphs (reduce-overhead) reuse their output buffers: mark where each training step begins
     cudagraphs = args.compile and mode == "reduce-overhead"
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -143,18 +144,8 @@ def build_step(args):
             targets = targets.contiguous(memory_format=layout)
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        ctx = torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext()
-        with ctx:
-            loss, _, _ = run(inputs, targets, mask_ratio=args.mask_ratio)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if scaler is not None or fused:
-            step_optimizer(optimizer, scaler, torch.isfinite(loss.detach()), fused_skip=fused and scaler is None)
-        else:
-            # foreach / plain without a scaler: training would check for non-finite values on the
-            # host (a sync per step); the benchmark times the optimizer implementation alone.
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        loss, _ = pretrain_step(run, inputs, targets, optimizer, scaler, settings)
+        return loss
 
     return model, step
 
@@ -168,7 +159,7 @@ def lever_settings(args) -> dict:
     elif opt_name == "fused":
         nonfinite = "on device (fused found_inf)"
     else:
-        nonfinite = "none (benchmark only)"
+        nonfinite = "host check (one sync per step, as training would do)"
     return {"compile_mode": getattr(args, "compile_mode", "default") if args.compile else None,
             "channels_last": bool(getattr(args, "channels_last", False)),
             "optimizer": opt_name, "optimizer_impl": optimizer_impl(opt_name, args.device),
@@ -245,7 +236,7 @@ def build_loader(args):
                               input_size=args.input_size, in_chans=args.in_chans)
     if args.cache_dir:
         dataset.use_cache(args.cache_dir, build=True, num_workers=args.num_workers)
-    from main_pretrain import make_loader  # the very loader training uses (one process: rank 0 of 1)
+    # the very loader training uses (one process: rank 0 of 1)
     return make_loader(dataset, argparse.Namespace(**vars(args), seed=0, pin_mem=True), train=True)
 
 

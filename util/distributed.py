@@ -5,7 +5,6 @@ print nothing unless asked (``force=True``).
 """
 from __future__ import annotations
 
-import argparse
 import builtins
 import datetime
 import os
@@ -29,19 +28,6 @@ def get_world_size() -> int:
 
 def is_main_process() -> bool:
     return get_rank() == 0
-
-
-def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--device``, ``--dist_timeout`` and the published scripts' launcher flags, which are accepted
-    (so their launch lines keep working) but not used: torchrun's environment says the rank."""
-    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    parser.add_argument("--dist_timeout", default=1800, type=int,
-                        help="seconds a process waits for the others in a collective before failing "
-                             "(a dead or hung rank then stops the run instead of hanging it)")
-    parser.add_argument("--world_size", default=1, type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--local_rank", "--local-rank", default=-1, type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--dist_on_itp", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--dist_url", default="env://", help=argparse.SUPPRESS)
 
 
 def resolve_device(requested: str | None) -> str:

@@ -1,7 +1,10 @@
-"""Training-loop helpers shared by main_pretrain.py and main_finetune.py.
+"""A run's plumbing, shared by main_pretrain.py, main_finetune.py and main_linprobe.py.
 
-Mixed-precision choice, the optimizer step that skips non-finite losses without a host sync, the
-non-finite stop rule, per-epoch seeding for exact resume, SIGTERM handling and the JSON-lines log.
+The start of a run (flags refused before any work, process group, seeds), the device type, mixed
+precision (autocast, GradScaler), DDP wrapping, the TensorBoard writer, the checkpoint to resume from,
+the optimizer step that skips non-finite losses without a host sync, the non-finite stop rule, the
+epoch's running numbers (:class:`EpochMeter`), per-epoch seeding for exact resume, SIGTERM handling
+and the JSON-lines log.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import errno
 import json
 import math
 import os
+import random
 import signal
 import time
 
@@ -17,17 +21,75 @@ import numpy as np
 import torch
 
 from util import distributed as du
+from util.fileio import check_writable
+
+
+def device_type(args) -> str:
+    """``cuda`` for ``cuda:1``, ``cpu`` for ``cpu``: what autocast and GradScaler take."""
+    return torch.device(args.device).type
 
 
 def amp_dtype(args):
-    device = str(args.device)
-    if args.amp == "none" or (args.amp == "auto" and not device.startswith("cuda")):
+    if args.amp == "none" or (args.amp == "auto" and device_type(args) != "cuda"):
         return None
     if args.amp == "fp16":
         return torch.float16
     if args.amp == "bf16":
         return torch.bfloat16
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(args):
+    """The autocast context of ``--amp`` (a disabled one for fp32)."""
+    dtype = amp_dtype(args)
+    return torch.autocast(device_type=device_type(args), dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def grad_scaler(args):
+    """A GradScaler for fp16 (whose range needs the loss scaled); None for bf16 and fp32."""
+    return torch.amp.GradScaler(device_type(args)) if amp_dtype(args) == torch.float16 else None
+
+
+def wrap_ddp(module, args, **options):
+    """``module`` in DistributedDataParallel under torchrun, as it is otherwise."""
+    if not args.distributed:
+        return module
+    device_ids = [args.local_rank] if device_type(args) == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **options)
+
+
+def open_writer(args):
+    """The TensorBoard writer of the main process (None on the others)."""
+    if not du.is_main_process():
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(log_dir=args.log_dir or args.output_dir)
+
+
+def resume_path(args) -> str:
+    """``--resume``, or with ``--auto_resume`` the output folder's checkpoint-last.pth if there is one; "" for none."""
+    if args.resume:
+        return args.resume
+    last = os.path.join(args.output_dir, "checkpoint-last.pth")
+    return last if args.auto_resume and os.path.isfile(last) else ""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def start_run(args, problems) -> None:
+    """The start of every training script: refuse flags that cannot work (``problems``, before any work),
+    join the process group, check the output folder and seed every generator (per rank)."""
+    refuse_invalid_flags(problems)
+    du.init_distributed(args)
+    check_writable(args.output_dir)
+    check_log_not_linked(args.output_dir)
+    seed_everything(args.seed + du.get_rank())
+    if device_type(args) == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest convolutions
 
 
 def epoch_seed(args, epoch: int) -> int:
@@ -128,6 +190,54 @@ class NonFiniteGuard:
                                "steps, so nothing was learned; stopping without saving it. The "
                                f"checkpoints already in {self.output_dir} are intact. Check --data_mean / --data_std, "
                                "lower --blr, or use --amp bf16 or --amp none.")
+
+
+class EpochMeter:
+    """The running numbers of one training epoch (after the MetricLogger of facebookresearch/mae's
+    util/misc.py), without a host sync per step: the loss sum and the step counts stay on the device and
+    are read at log intervals (``--print_freq``), where the non-finite guard is checked too, and once
+    at the end of the epoch, summed over the processes."""
+
+    def __init__(self, epoch: int, steps: int, args, guard: NonFiniteGuard, writer=None):
+        self.epoch, self.steps, self.args, self.guard, self.writer = epoch, steps, args, guard, writer
+        self.loss_sum = torch.zeros((), device=args.device)  # over the steps with a finite loss
+        self.finite_steps = torch.zeros((), device=args.device)
+        self.nonfinite_steps = torch.zeros((), device=args.device)
+        self.images, self.skipped_files, self.steps_run = 0, 0, 0
+        self.lr = 0.0
+        self.start = time.time()
+
+    def skipped(self, files: int) -> None:
+        """Unreadable files left out of a batch."""
+        self.skipped_files += files
+
+    def step(self, it: int, loss: torch.Tensor, finite: torch.Tensor, images: int) -> None:
+        """Record step ``it`` (``loss``: detached 0-d tensor, ``finite``: 0-d bool tensor, both on the
+        device) of ``images`` images; log at the interval and at the last step."""
+        self.nonfinite_steps += (~finite).float()
+        self.finite_steps += finite.float()
+        self.loss_sum += torch.where(finite, loss, torch.zeros_like(loss))
+        self.images += images
+        self.steps_run += 1
+        self.guard.step(finite)
+        if (it + 1) % self.args.print_freq == 0 or it + 1 == self.steps:
+            self.guard.check()
+            log_progress(self.epoch, it, self.steps, self.loss_sum / self.finite_steps.clamp_min(1), self.images,
+                         self.start, self.lr, self.writer, self.args)
+
+    def finish(self, interrupted: bool = False) -> dict:
+        """The epoch's numbers over every process (one collective); stops the run if nothing was learned."""
+        device = self.loss_sum.device
+        totals = torch.stack([self.loss_sum, self.finite_steps, self.nonfinite_steps,
+                              torch.tensor(float(self.images), device=device),
+                              torch.tensor(float(self.skipped_files), device=device)])
+        du.all_reduce_sum(totals)
+        loss_total, good_steps, bad_steps, images_total, skipped_total = totals.tolist()
+        self.guard.end_epoch(self.epoch, self.steps_run, good_steps)
+        elapsed = time.time() - self.start
+        return {"loss": loss_total / max(good_steps, 1), "lr": self.lr, "nonfinite_steps": int(bad_steps),
+                "skipped_files": int(skipped_total), "images_per_sec": images_total / max(elapsed, 1e-9),
+                "interrupted": interrupted}
 
 
 # Largest --blur_sigma accepted. OpenCV derives the Gaussian kernel from sigma (side about 6 sigma + 1
