@@ -1,4 +1,4 @@
-"""Classification fine-tuning of ViT / ConvViT encoders, and evaluation (``--eval``).
+r"""Classification fine-tuning of ViT / ConvViT encoders, and evaluation (``--eval``).
 
     python main_finetune.py --seed 0 --data_path /data/cls --output_dir out --model vit_base_patch16 \
         --finetune pretrain.pth --blr 1e-4 --batch_size 256
@@ -20,29 +20,10 @@ import os
 import random
 import warnings
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader, DistributedSampler
-
-from util import distributed as du
-from util.arguments import (RANDAUGMENT, SELECT_METRICS, add_checkpoint_arguments, add_classifier_model_group,
-                            add_classification_data_arguments, add_evaluation_arguments, add_launch_arguments,
-                            add_output_arguments, add_precision_arguments, add_schedule_arguments, input_hw)
-from util.blur import blur_spec_from_args
-from util.checkpoint import (FIRST_CONV_KEYS, CheckpointError, extract_state_dict, load_auto_resume_checkpoint,
-                             load_checkpoint_file, load_weights, save_checkpoint)
-from util.cls_datasets import (SPLITS, ClassificationDataset, build_transform, collate_labelled, find_class_names,
-                               pixel_mean_std, read_groups_csv, resolve_class_names)
-from util.datasets import IMAGENET_MEAN, IMAGENET_STD, DatasetError, worker_options
-from util.lr_decay import param_groups
-from util.lr_sched import adjust_learning_rate, effective_lr
-from util.metrics import (METRIC_NAMES, choose_threshold, evaluate_and_write, evaluate_predictions,
-                          format_results_table, gather_unique_predictions, resolve_pos_class)
-from util.registry import finetune_models
-from util.training import (EpochMeter, NonFiniteGuard, StopTraining, accumulate_backward, amp_dtype, append_log,
-                           autocast, device_type, epoch_seed, grad_scaler, install_sigterm_handler,
-                           invalid_training_flags, open_writer, plain_args, resume_path, run_cli, start_run,
-                           step_optimizer, wrap_ddp)
+from util.arguments import (RANDAUGMENT, SELECT_METRICS, add_checkpoint_arguments, add_classification_data_arguments,
+                            add_classifier_model_group, add_evaluation_arguments, add_launch_arguments,
+                            add_output_arguments, add_precision_arguments, add_schedule_arguments, input_hw,
+                            make_parser)
 
 # The published script trains "forever" and relies on early stopping; its cosine schedule over
 # 10 million epochs is therefore flat after the warm-up. Kept so the published commands behave alike.
@@ -51,7 +32,7 @@ PRETRAINED_HEAD_KEYS = ("head.", "fc_norm.")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Deblurring MIM classification fine-tuning", add_help=True)
+    p = make_parser(__doc__)
     model = add_classifier_model_group(p)
     model.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate")
     model.add_argument("--global_pool", action="store_true", default=True,
@@ -108,6 +89,33 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_output_arguments(p)
     add_launch_arguments(p)
     return p
+
+
+# `--help` and usage errors answer here, before the imports below (torch, timm, OpenCV: seconds), which
+# therefore follow code
+if __name__ == "__main__":
+    get_args_parser().parse_args()
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from util import distributed as du
+from util.blur import blur_spec_from_args
+from util.checkpoint import (FIRST_CONV_KEYS, CheckpointError, extract_state_dict, load_auto_resume_checkpoint,
+                             load_checkpoint_file, load_weights, save_checkpoint)
+from util.cls_datasets import (SPLITS, ClassificationDataset, build_transform, collate_labelled, find_class_names,
+                               pixel_mean_std, read_groups_csv, resolve_class_names)
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD, DatasetError, worker_options
+from util.lr_decay import param_groups
+from util.lr_sched import adjust_learning_rate, effective_lr
+from util.metrics import (METRIC_NAMES, choose_threshold, evaluate_and_write, evaluate_predictions,
+                          format_results_table, gather_unique_predictions, resolve_pos_class)
+from util.registry import finetune_models
+from util.training import (EpochMeter, NonFiniteGuard, StopTraining, accumulate_backward, amp_dtype, append_log,
+                           autocast, device_type, epoch_seed, grad_scaler, install_sigterm_handler,
+                           invalid_training_flags, open_writer, plain_args, resume_path, run_cli, start_run,
+                           step_optimizer, wrap_ddp)
 
 
 # ------------------------------------------------------------------------------ checkpoints in

@@ -1,4 +1,4 @@
-"""Frozen-encoder evaluation of a pretrained encoder: linear probing (default) and k-NN (``--knn``).
+r"""Frozen-encoder evaluation of a pretrained encoder: linear probing (default) and k-NN (``--knn``).
 
     python main_linprobe.py --data_path /data/cls --output_dir out_linprobe --model vit_base_patch16 \
         --finetune pretrain.pth
@@ -33,32 +33,16 @@ import time
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-import torch.nn as nn
-from timm.layers import trunc_normal_
-from torch.utils.data import DistributedSampler
-
-from main_finetune import (FineTuning, evaluate_and_report, evaluate_best, load_finetuned, load_pretrained,
-                           make_loader, named_predictions, predict, prepare_and_run, restore_training_state,
-                           results_summary, run_evaluation, save_best, train_epochs)
-from models_vit import ConvViT
-from util import distributed as du
-from util.arguments import (SELECT_METRICS, add_checkpoint_arguments, add_classifier_model_group,
-                            add_classification_data_arguments, add_evaluation_arguments, add_launch_arguments,
-                            add_output_arguments, add_precision_arguments, add_schedule_arguments, input_hw)
-from util.checkpoint import CheckpointError
-from util.cls_datasets import build_transform
-from util.knn import knn_class_probabilities
-from util.lars import LARS
-from util.lr_sched import effective_lr
-from util.training import append_log, autocast, invalid_training_flags, run_cli, start_run, wrap_ddp
+from util.arguments import (SELECT_METRICS, add_checkpoint_arguments, add_classification_data_arguments,
+                            add_classifier_model_group, add_evaluation_arguments, add_launch_arguments,
+                            add_output_arguments, add_precision_arguments, add_schedule_arguments, input_hw,
+                            make_parser)
 
 PROBE_HEAD_KEYS = ("head.0.running_mean", "head.0.running_var", "head.1.weight", "head.1.bias")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Deblurring MIM linear probing and k-NN evaluation of a frozen encoder", add_help=True)
+    p = make_parser(__doc__)
     model = add_classifier_model_group(p)
     model.add_argument("--global_pool", action="store_true", default=None,
                        help="features: average of the patch tokens + fc_norm (not trained here: a LayerNorm "
@@ -70,7 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     optimisation = p.add_argument_group("optimisation")
     add_schedule_arguments(optimisation, batch_size=512, epochs=90, blr=0.1, min_lr=0.0, warmup_epochs=10,
-                           weight_decay=0.0, weight_decay_help="on the linear weights only (0 as published)",
+                           weight_decay=0.0, weight_decay_help="weight decay, on the linear weights only (0 as published)",
                            batch_help="images (or cached features) per process per iteration (512 as published, "
                                       "where 32 GPUs made an effective batch of 16384; lower it for small datasets)")
     optimisation.add_argument("--optimizer", default="lars", choices=("lars", "sgd"),
@@ -103,6 +87,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     # eval mode anyway), no gradient clipping and no early stopping (as published)
     p.set_defaults(drop_path=0.0, clip_grad=None, early_stops=None)
     return p
+
+
+# `--help` and usage errors answer here, before the imports below (torch, timm, OpenCV: seconds), which
+# therefore follow code
+if __name__ == "__main__":
+    get_args_parser().parse_args()
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+from torch.utils.data import DistributedSampler
+
+from main_finetune import (FineTuning, evaluate_and_report, evaluate_best, load_finetuned, load_pretrained,
+                           make_loader, named_predictions, predict, prepare_and_run, restore_training_state,
+                           results_summary, run_evaluation, save_best, train_epochs)
+from models_vit import ConvViT
+from util import distributed as du
+from util.checkpoint import CheckpointError
+from util.cls_datasets import build_transform
+from util.knn import knn_class_probabilities
+from util.lars import LARS
+from util.lr_sched import effective_lr
+from util.training import append_log, autocast, invalid_training_flags, run_cli, start_run, wrap_ddp
 
 
 def invalid_linprobe_flags(args) -> list:

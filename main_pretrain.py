@@ -1,4 +1,4 @@
-"""Pretraining: MAE, Deblurring MAE, ConvMAE and Deblurring ConvMAE, on one device or under torchrun.
+r"""Pretraining: MAE, Deblurring MAE, ConvMAE and Deblurring ConvMAE, on one device or under torchrun.
 
     torchrun --nproc_per_node=8 main_pretrain.py --model dmae_vit_base_patch16 \
         --output /path/to/weights --data_path_blurred /data/blurred --data_path_orig /data/orig --batch_size 32
@@ -13,31 +13,14 @@ import os
 import re
 import warnings
 
-import torch
-from torch.utils.data import DataLoader, DistributedSampler
-
-from models_mae import is_deblurring_model
-from util import distributed as du
 from util.arguments import (LOSS_REGIONS, PRETRAIN_MODELS, add_blur_arguments, add_channel_arguments,
                             add_launch_arguments, add_loader_arguments, add_model_group, add_output_arguments,
-                            add_precision_arguments, add_resume_arguments, add_schedule_arguments, input_hw)
-from util.blur import blur_spec_from_args
-from util.checkpoint import (load_auto_resume_checkpoint, load_checkpoint_file, load_weights, numbered_checkpoints,
-                             save_checkpoint)
-from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, PixelNormaliser, PretrainDataset, SeededSampler,
-                           collate_skip_bad, dataset_mean_std, split_folder, worker_options)
-from util.lr_decay import param_groups
-from util.lr_sched import adjust_learning_rate, effective_lr
-from util.registry import pretrain_models
-from util.training import (EpochMeter, NonFiniteGuard, StopTraining, accumulate_backward, amp_dtype, append_log,
-                           autocast, device_type, epoch_seed, grad_scaler, install_sigterm_handler,
-                           invalid_training_flags, open_writer, plain_args, resume_path, run_cli, start_run,
-                           step_optimizer, wrap_ddp)
-from util.visualize import panels_to_grid, reconstruction_panels, save_grid_png
+                            add_precision_arguments, add_resume_arguments, add_schedule_arguments, input_hw,
+                            make_parser)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Deblurring MIM pretraining", add_help=True)
+    p = make_parser(__doc__)
     model = add_model_group(p, default="dmae_vit_base_patch16", names=PRETRAIN_MODELS, kind="pretraining model")
     add_channel_arguments(model, from_checkpoint=False)
     model.add_argument("--mask_ratio", default=0.75, type=float,
@@ -83,6 +66,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_resume_arguments(checkpoints, resume_help="checkpoint to resume from (weights, optimizer, epoch)")
     add_launch_arguments(p)
     return p
+
+
+# `--help` and usage errors answer here, before the imports below (torch, timm, OpenCV: seconds), which
+# therefore follow code
+if __name__ == "__main__":
+    get_args_parser().parse_args()
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from models_mae import is_deblurring_model
+from util import distributed as du
+from util.blur import blur_spec_from_args
+from util.checkpoint import (load_auto_resume_checkpoint, load_checkpoint_file, load_weights, numbered_checkpoints,
+                             save_checkpoint)
+from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, PixelNormaliser, PretrainDataset, SeededSampler,
+                           collate_skip_bad, dataset_mean_std, split_folder, worker_options)
+from util.lr_decay import param_groups
+from util.lr_sched import adjust_learning_rate, effective_lr
+from util.registry import pretrain_models
+from util.training import (EpochMeter, NonFiniteGuard, StopTraining, accumulate_backward, amp_dtype, append_log,
+                           autocast, device_type, epoch_seed, grad_scaler, install_sigterm_handler,
+                           invalid_training_flags, open_writer, plain_args, resume_path, run_cli, start_run,
+                           step_optimizer, wrap_ddp)
+from util.visualize import panels_to_grid, reconstruction_panels, save_grid_png
 
 
 # ------------------------------------------------------------------------------ set-up

@@ -29,6 +29,30 @@ CLASSIFIER_MODELS = ("vit_{tiny,base,large}_patch16, vit_base_patch{8,28}, vit_h
 TINY_MODELS_NOTE = "the tiny ones (well under a million parameters) are for CPU demos and tests"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help text, unless the text already says it (a default computed at
+    run time) or there is nothing to show (None; on/off flags, whose text says what they do); the
+    description keeps its layout (command examples)."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or action.nargs == 0 or default in (None, "") or default is argparse.SUPPRESS
+                or "default" in text):
+            return text
+        if isinstance(default, (list, tuple)):
+            default = " ".join(map(str, default))
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+
+def make_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's parser: its docstring's first two paragraphs (what it does, example commands) as the
+    description, defaults shown."""
+    description = "\n\n".join(doc.strip().split("\n\n")[:2]).replace("``", "")  # docstring markup
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter,
+                                   epilog="README.md describes every option and output in detail.")
+
+
 def input_hw(args) -> tuple[int, int]:
     """``--input_size`` as (height, width): one number is a square."""
     size = args.input_size
@@ -112,7 +136,7 @@ def add_loader_arguments(group) -> None:
     group.add_argument("--num_workers", default=10, type=int,
                        help="data-loading processes per training process (0: load in the training process)")
     group.add_argument("--pin_mem", action="store_true", default=True,
-                       help="pinned host memory for faster copies to the GPU")
+                       help="pinned host memory for faster copies to the GPU (default: on)")
     group.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="turn --pin_mem off")
     group.add_argument("--strict_data", action="store_true",
                        help="stop at the first unreadable image (default: skip it with a warning naming it)")
