@@ -111,3 +111,19 @@ def test_classification_scripts_share_their_data_and_evaluation_flags():
     assert shared == flags(finetune, "evaluation", with_help=False)[:len(shared)]
     assert {"--group_by", "--groups", "--threshold", "--target_sensitivity", "--target_specificity"} <= {
         f for option_strings, _, _ in shared for f in option_strings}
+
+
+@pytest.mark.parametrize("cores,local,expected", [(2, None, 2), (2, "2", 1), (64, None, 10), (16, "8", 2),
+                                                  (1, "4", 0), (8, "bad", 8)])
+def test_num_workers_default_fits_the_machine(monkeypatch, cores, local, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    if local is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)  # torchrun's processes on this machine
+    assert arguments.default_num_workers() == expected
+    from tools import benchmark
+
+    for script in SCRIPTS:
+        assert importlib.import_module(script).get_args_parser().parse_args([]).num_workers == expected, script
+    assert benchmark.parse_args(["data"]).num_workers == expected

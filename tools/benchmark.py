@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from main_pretrain import ADAMW_IMPLEMENTATIONS, build_optimizer, compiled, make_loader, pretrain_step  # noqa: E402
+from util.arguments import default_num_workers  # noqa: E402
 from util.blur import add_blur_arguments, blur_spec_from_args  # noqa: E402
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD, PixelNormaliser, PretrainDataset  # noqa: E402
 from util.fileio import atomic_write_text  # noqa: E402
@@ -74,7 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data_path", default="", help="images (originals; or the blurred copy with --data_path_orig)")
     p.add_argument("--data_path_orig", default="", help="paired mode: the original tree")
-    p.add_argument("--num_workers", type=int, default=8)
+    p.add_argument("--num_workers", type=int, default=default_num_workers(),
+                   help="loader workers (default: as in training, the cores available to this process, at most 10)")
     p.add_argument("--cache_dir", default="", help="read decoded images from a memory-mapped cache here "
                    "(built first when missing; as main_pretrain.py --cache_dir)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke settings: tiny model, batch 4, 64 px, 2+1 steps")
