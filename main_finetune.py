@@ -115,7 +115,7 @@ from util.registry import finetune_models
 from util.training import (EpochMeter, NonFiniteGuard, StopTraining, accumulate_backward, amp_dtype, append_log,
                            autocast, device_type, epoch_seed, grad_scaler, install_sigterm_handler,
                            invalid_training_flags, open_writer, plain_args, resume_path, run_cli, start_run,
-                           step_optimizer, wrap_ddp)
+                           step_optimizer, warn_on_schedule, wrap_ddp)
 
 
 # ------------------------------------------------------------------------------ checkpoints in
@@ -603,6 +603,19 @@ def is_improvement(value: float, best: dict) -> bool:
     return value > best["value"]
 
 
+def keep_best_on_disk(best: dict, model, args) -> dict:
+    """A run resumed into another --output_dir must still end with its best model in that folder."""
+    if not best or os.path.isfile(os.path.join(args.output_dir, "checkpoint-best.pth")):
+        return best
+    if best["epoch"] == args.start_epoch - 1:  # the resumed model is the best so far
+        if du.is_main_process():
+            save_best(model, best["epoch"], best, args)
+        return best
+    warnings.warn(f"the best model so far (epoch {best['epoch']}) is not in {args.output_dir}: the best epoch is "
+                  f"chosen afresh from epoch {args.start_epoch} (resume in the run's own folder to keep it)")
+    return {}
+
+
 # ------------------------------------------------------------------------------ main
 class FineTuning:
     """What this script does to the model that :func:`prepare` builds; main_linprobe.py's LinearProbe
@@ -703,6 +716,7 @@ def train_epochs(model, train_model, loader, optimizer, scaler, criterion, mixup
     epoch's record, whether training finished rather than being interrupted by SIGTERM)."""
     metric = SELECT_METRICS[args.select_metric]
     patience = args.early_stops
+    warn_on_schedule(args)
     writer = open_writer(args)
     stop_flag = {}
     install_sigterm_handler(stop_flag)
@@ -753,6 +767,7 @@ def run_training(model, datasets, class_names, pos_class, resume_ckpt, args) -> 
     scaler = grad_scaler(args)
     optimizer = build_optimizer(model, args)
     best = restore_training_state(resume_ckpt, args.resume_path, optimizer, scaler, args) if resume_ckpt else {}
+    best = keep_best_on_disk(best, model, args)
     del resume_ckpt
     mixup_fn = build_mixup(args)
     criterion = build_criterion(args, mixup_fn)
@@ -776,6 +791,10 @@ def evaluate_best(model, best, predict_split, class_names, pos_class, args) -> N
     """Validation and test splits with the best checkpoint (always, however training ended)."""
     du.barrier()  # the main process has finished writing checkpoint-best.pth
     path = os.path.join(args.output_dir, "checkpoint-best.pth")
+    if not os.path.isfile(path) and not best:
+        raise SystemExit(f"no epoch was trained (resumed at epoch {args.start_epoch}, --epochs {args.epochs}) and "
+                         f"{args.output_dir} holds no checkpoint-best.pth to evaluate: evaluate the run's own with "
+                         "--eval --resume RUN_FOLDER/checkpoint-best.pth")
     if not os.path.isfile(path):
         raise SystemExit(f"{path} is missing on this node: --output_dir must be on a file system that every "
                          "process can read")

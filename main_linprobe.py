@@ -28,7 +28,6 @@ steps of its ``prepare`` that differ, and this script passes its own predictions
 from __future__ import annotations
 
 import argparse
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -100,9 +99,9 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from torch.utils.data import DistributedSampler
 
-from main_finetune import (FineTuning, evaluate_and_report, evaluate_best, load_finetuned, load_pretrained,
-                           make_loader, named_predictions, predict, prepare_and_run, restore_training_state,
-                           results_summary, run_evaluation, save_best, train_epochs)
+from main_finetune import (FineTuning, evaluate_and_report, evaluate_best, keep_best_on_disk, load_finetuned,
+                           load_pretrained, make_loader, named_predictions, predict, prepare_and_run, restore_training_state,
+                           results_summary, run_evaluation, train_epochs)
 from models_vit import ConvViT
 from util import distributed as du
 from util.checkpoint import CheckpointError
@@ -362,19 +361,6 @@ def run_training(model, datasets, class_names, pos_class, resume_ckpt, args) -> 
                                   validate, best, class_names, pos_class, args)
     if finished:
         evaluate_best(model, best, predict_split, class_names, pos_class, args)
-
-
-def keep_best_on_disk(best: dict, model, args) -> dict:
-    """A run resumed into another --output_dir must still end with its best head in that folder."""
-    if not best or os.path.isfile(os.path.join(args.output_dir, "checkpoint-best.pth")):
-        return best
-    if best["epoch"] == args.start_epoch - 1:  # the resumed head is the best so far
-        if du.is_main_process():
-            save_best(model, best["epoch"], best, args)
-        return best
-    warnings.warn(f"the best head so far (epoch {best['epoch']}) is not in {args.output_dir}: the best epoch is "
-                  f"chosen afresh from epoch {args.start_epoch} (resume in the run's own folder to keep it)")
-    return {}
 
 
 def main(args):

@@ -89,7 +89,7 @@ from util.registry import pretrain_models
 from util.training import (EpochMeter, NonFiniteGuard, StopTraining, accumulate_backward, amp_dtype, append_log,
                            autocast, device_type, epoch_seed, grad_scaler, install_sigterm_handler,
                            invalid_training_flags, open_writer, plain_args, resume_path, run_cli, start_run,
-                           step_optimizer, wrap_ddp)
+                           step_optimizer, warn_on_schedule, wrap_ddp)
 from util.visualize import panels_to_grid, reconstruction_panels, save_grid_png
 
 
@@ -420,6 +420,7 @@ def main(args):
     scaler = grad_scaler(args)
     optimizer = build_optimizer(model, args)
     restore(model, optimizer, scaler, args)
+    warn_on_schedule(args)
     # recorded in the checkpoint's args, so tools can rebuild the model and its normalisation
     args.loss_on, args.data_mean, args.data_std = loss_on, mean, std
 

@@ -302,6 +302,24 @@ def test_unreadable_test_image_is_skipped_or_stops_with_strict_data(trained, dat
     assert "broken.png" in run_expecting_error(common_args(data, tmp_path / "strict", *args, "--strict_data"))
 
 
+def test_a_resumed_run_with_nothing_left_or_inside_its_warm_up_says_so(trained, dataset, tmp_path):
+    # the fixture's run stopped early; its own folder, re-run with --epochs 1: nothing left, evaluated again
+    shutil.copytree(trained, tmp_path / "run")
+    with pytest.warns(UserWarning, match="nothing left to train"):
+        main_finetune.cli(common_args(dataset, tmp_path / "run", "--auto_resume", "--blur", "gaussian",
+                                      "--epochs", "1", "--n_boot", "0"))
+    assert "best_epoch" in read_log(tmp_path / "run")[-1]
+    # resumed into a new folder with a warm-up as long as the run: warned; the best model is chosen afresh
+    # there (the fixture's best epoch is not the resumed one) and evaluated at the end
+    with pytest.warns(UserWarning) as caught:
+        main_finetune.cli(common_args(dataset, tmp_path / "warm", "--resume", str(trained / "checkpoint-last.pth"),
+                                      "--blur", "gaussian", "--epochs", "6", "--warmup_epochs", "6", "--n_boot", "0"))
+    messages = " ".join(str(w.message) for w in caught)
+    assert "--warmup_epochs 6 is not shorter than the run (--epochs 6)" in messages
+    assert "is not in" in messages and "chosen afresh" in messages
+    assert saved_results(tmp_path / "warm")["n"] == N_TEST
+
+
 def test_resume_continues_exactly_as_an_uninterrupted_run(dataset, tmp_path):
     # --early_stops 0 ends the first run after epoch 0 with the schedule of a 3-epoch run; resuming
     # its checkpoint-last.pth must then reproduce epochs 1-2 of the uninterrupted run exactly

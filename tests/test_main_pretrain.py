@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import cv2
 import numpy as np
@@ -46,6 +47,15 @@ def test_loss_decreases(data, tmp_path):
     losses = [entry["train_loss"] for entry in log]
     assert losses[-1] < 0.7 * losses[0], losses
     assert log[-1]["epoch"] == 11 and log[-1]["train_nonfinite_steps"] == 0
+
+
+def test_a_run_inside_its_warm_up_warns_and_one_past_it_does_not(data, tmp_path):
+    with pytest.warns(UserWarning, match=r"--warmup_epochs 40 is not shorter than the run \(--epochs 1\)"):
+        run(data, tmp_path / "short", "--warmup_epochs", "40", "--max_steps_per_epoch", "1", epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(data, tmp_path / "ok", "--warmup_epochs", "0.5", "--max_steps_per_epoch", "1", epochs=1)
+    assert not [w for w in caught if "warmup" in str(w.message)]
 
 
 def test_outputs_and_checkpoint_contents(data, tmp_path):

@@ -116,3 +116,17 @@ def test_dicom_cine_frames_are_samples(tmp_path):
     last, _, _ = ds[29]
     assert first.shape == (1, 32, 32) and skipped == 0
     assert not torch.equal(first, last)  # different frames, not the first one 30 times
+
+
+def test_a_warm_up_that_lasts_the_whole_run_is_named_with_the_lr_it_reaches():
+    from util.training import schedule_problem
+
+    def problem(start, epochs, warmup):
+        return schedule_problem(SimpleNamespace(start_epoch=start, epochs=epochs, warmup_epochs=warmup, lr=1e-3))
+
+    message = problem(0, 1, 40)  # the published warm-up in a 1-epoch run: the lr stays below 3 % of --lr
+    assert "--warmup_epochs 40 is not shorter than the run (--epochs 1)" in message
+    assert "from 0% to at most 2% of 1.000e-03" in message and "--warmup_epochs 0.1" in message
+    assert "from 60% to at most 100%" in problem(30, 50, 50)  # resumed at epoch 30, warm-up = run
+    assert problem(0, 100, 40) is None and problem(39, 41, 40) is None
+    assert "nothing left to train" in problem(10, 10, 1)

@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -90,6 +91,29 @@ def start_run(args, problems) -> None:
     seed_everything(args.seed + du.get_rank())
     if device_type(args) == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest convolutions
+
+
+def schedule_problem(args) -> str | None:
+    """What this run's epochs cannot do, known once a resume has set ``--start_epoch``: nothing left to
+    train, or a warm-up that lasts the whole run (the lr rises linearly to ``--lr`` over
+    ``--warmup_epochs``, so it never reaches ``--lr``, or only at the last step, and never decays)."""
+    first, end, warmup = args.start_epoch, args.epochs, args.warmup_epochs
+    if first >= end:
+        return (f"epoch {first} is past the last epoch of --epochs {end}: nothing left to train (raise --epochs "
+                "to train on)")
+    if warmup < end:
+        return None
+    return (f"--warmup_epochs {warmup:g} is not shorter than the run (--epochs {end}): the learning rate rises "
+            f"linearly through all of it, here from {first / warmup:.0%} to at most {end / warmup:.0%} of "
+            f"{args.lr:.3e}, and never decays; a run this short learns little. The warm-up is kept as asked: "
+            f"pass e.g. --warmup_epochs {end / 10:g} (a tenth of the run) to reach the full rate.")
+
+
+def warn_on_schedule(args) -> None:
+    """:func:`schedule_problem` as a warning, once (the main process)."""
+    problem = schedule_problem(args)
+    if problem and du.is_main_process():
+        warnings.warn(problem, stacklevel=2)
 
 
 def epoch_seed(args, epoch: int) -> int:
