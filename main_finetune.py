@@ -112,10 +112,10 @@ from util.lr_sched import adjust_learning_rate, effective_lr
 from util.metrics import (METRIC_NAMES, choose_threshold, evaluate_and_write, evaluate_predictions,
                           format_results_table, gather_unique_predictions, resolve_pos_class)
 from util.registry import finetune_models
-from util.training import (EpochMeter, NonFiniteGuard, StopTraining, accumulate_backward, amp_dtype, append_log,
-                           autocast, device_type, epoch_seed, grad_scaler, install_sigterm_handler,
-                           invalid_training_flags, open_writer, plain_args, resume_path, run_cli, start_run,
-                           step_optimizer, warn_on_schedule, wrap_ddp)
+from util.training import (EpochMeter, NonFiniteGuard, RunProgress, StopTraining, accumulate_backward, amp_dtype,
+                           append_log, autocast, device_type, epoch_seed, epoch_summary, grad_scaler,
+                           install_sigterm_handler, invalid_training_flags, open_writer, plain_args, progress_bar,
+                           resume_path, run_cli, start_run, step_optimizer, warn_on_schedule, wrap_ddp)
 
 
 # ------------------------------------------------------------------------------ checkpoints in
@@ -350,11 +350,12 @@ def mix_batch(mixup_fn, images, labels):
     return mixup_fn(images[:even], labels[:even])
 
 
-def train_one_epoch(model, loader, optimizer, scaler, criterion, mixup_fn, epoch, args, writer, stop_flag, guard):
+def train_one_epoch(model, loader, optimizer, scaler, criterion, mixup_fn, epoch, args, writer, stop_flag, guard,
+                    run=None):
     model.train()
     device = args.device
     steps = len(loader)
-    meter = EpochMeter(epoch, steps, args, guard, writer)
+    meter = EpochMeter(epoch, steps, args, guard, writer, run)
     # an update is skipped if any micro-batch of its accumulation window was non-finite
     window_finite = torch.ones((), dtype=torch.bool, device=device)
     fused_skip = bool(optimizer.defaults.get("fused")) and scaler is None
@@ -418,13 +419,18 @@ def predict(model, loader, args, outputs=class_probabilities, width=None):
     their number, default the class count)."""
     model.eval()
     indices, labels, rows, skipped = [], [], [], 0
+    bar = progress_bar(len(loader), f"{loader.dataset.split} split", unit="batch")
     for images, batch_labels, batch_indices, n_bad in loader:
         skipped += n_bad
+        if bar is not None:
+            bar.update(1)
         if images is None:
             continue
         rows.append(outputs(model, images.to(args.device, non_blocking=True), args).float())
         labels.append(batch_labels)
         indices.append(batch_indices)
+    if bar is not None:
+        bar.close()
     rows = torch.cat(rows).cpu() if rows else torch.zeros(0, width or args.nb_classes)
     labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
     indices = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int64)
@@ -707,6 +713,15 @@ def run_evaluation(predict_split, class_names, pos_class, args) -> None:
         print(f"results written to {os.path.join(args.output_dir, 'results.json')} (and .txt, predictions, figures)")
 
 
+def early_stop_end(best: dict, args) -> int:
+    """The epoch before which early stopping ends the run if the validation metric does not improve
+    (``--epochs`` without early stopping)."""
+    if args.early_stops is None:
+        return args.epochs
+    last_best = best["epoch"] if best else args.start_epoch
+    return min(args.epochs, last_best + args.early_stops + 1)
+
+
 def train_epochs(model, train_model, loader, optimizer, scaler, criterion, mixup_fn, validate, best,
                  class_names, pos_class, args):
     """The epochs of a classifier's training: train, validate (``validate()`` gives the val split's
@@ -721,6 +736,7 @@ def train_epochs(model, train_model, loader, optimizer, scaler, criterion, mixup
     stop_flag = {}
     install_sigterm_handler(stop_flag)
     guard = NonFiniteGuard(args.max_nonfinite, args.device, args.output_dir, args.distributed)
+    run = RunProgress(early_stop_end(best, args), early_stop=early_stop_end(best, args) < args.epochs)
     finished = True
     for epoch in range(args.start_epoch, args.epochs):
         if best and patience is not None and epoch - best["epoch"] > patience:
@@ -728,7 +744,7 @@ def train_epochs(model, train_model, loader, optimizer, scaler, criterion, mixup
         start_epoch_data(loader, epoch, args)
         try:
             stats = train_one_epoch(train_model, loader, optimizer, scaler, criterion, mixup_fn, epoch, args, writer,
-                                    stop_flag, guard)
+                                    stop_flag, guard, run)
         except StopTraining as err:
             raise SystemExit(str(err))
         if stats.pop("interrupted"):
@@ -745,9 +761,12 @@ def train_epochs(model, train_model, loader, optimizer, scaler, criterion, mixup
             if du.is_main_process():
                 save_best(model, epoch, best, args)
         log.update(best_epoch=best["epoch"], **{f"best_val_{metric}": best["value"]})
+        run.end_epoch = early_stop_end(best, args)
         if du.is_main_process():
             save_last(model, optimizer, scaler, epoch, best, args)
             append_log(args.output_dir, log, writer, epoch)
+            print(epoch_summary(log, ("train_loss", "val_loss", f"val_{metric}", "best_epoch", "train_lr",
+                                      "train_images_per_sec"), run), flush=True)
         if stop_flag.get("stop"):
             print(f"SIGTERM received: checkpoint of epoch {epoch} saved; exiting", flush=True)
             finished = False

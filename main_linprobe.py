@@ -53,7 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     optimisation = p.add_argument_group("optimisation")
     add_schedule_arguments(optimisation, batch_size=512, epochs=90, blr=0.1, min_lr=0.0, warmup_epochs=10,
-                           weight_decay=0.0, weight_decay_help="weight decay, on the linear weights only (0 as published)",
+                           weight_decay=0.0,
+                           weight_decay_help="weight decay, on the linear weights only (0 as published)",
                            batch_help="images (or cached features) per process per iteration (512 as published, "
                                       "where 32 GPUs made an effective batch of 16384; lower it for small datasets)")
     optimisation.add_argument("--optimizer", default="lars", choices=("lars", "sgd"),
@@ -100,8 +101,8 @@ from timm.layers import trunc_normal_
 from torch.utils.data import DistributedSampler
 
 from main_finetune import (FineTuning, evaluate_and_report, evaluate_best, keep_best_on_disk, load_finetuned,
-                           load_pretrained, make_loader, named_predictions, predict, prepare_and_run, restore_training_state,
-                           results_summary, run_evaluation, train_epochs)
+                           load_pretrained, make_loader, named_predictions, predict, prepare_and_run,
+                           restore_training_state, results_summary, run_evaluation, train_epochs)
 from models_vit import ConvViT
 from util import distributed as du
 from util.checkpoint import CheckpointError

@@ -86,10 +86,10 @@ from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, PixelNormaliser, Pretrai
 from util.lr_decay import param_groups
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.registry import pretrain_models
-from util.training import (EpochMeter, NonFiniteGuard, StopTraining, accumulate_backward, amp_dtype, append_log,
-                           autocast, device_type, epoch_seed, grad_scaler, install_sigterm_handler,
-                           invalid_training_flags, open_writer, plain_args, resume_path, run_cli, start_run,
-                           step_optimizer, warn_on_schedule, wrap_ddp)
+from util.training import (EpochMeter, NonFiniteGuard, RunProgress, StopTraining, accumulate_backward, amp_dtype,
+                           append_log, autocast, device_type, epoch_seed, epoch_summary, grad_scaler,
+                           install_sigterm_handler, invalid_training_flags, open_writer, plain_args, resume_path,
+                           run_cli, start_run, step_optimizer, warn_on_schedule, wrap_ddp)
 from util.visualize import panels_to_grid, reconstruction_panels, save_grid_png
 
 
@@ -322,10 +322,10 @@ def pretrain_step(model, inputs, targets, optimizer, scaler, args, update: bool 
     return loss.detach(), finite
 
 
-def train_one_epoch(model, loader, optimizer, scaler, epoch, args, norm, writer, stop_flag, guard):
+def train_one_epoch(model, loader, optimizer, scaler, epoch, args, norm, writer, stop_flag, guard, run=None):
     model.train()
     steps = len(loader) if not args.max_steps_per_epoch else min(len(loader), args.max_steps_per_epoch)
-    meter = EpochMeter(epoch, steps, args, guard, writer)
+    meter = EpochMeter(epoch, steps, args, guard, writer, run)
     interrupted = False
     optimizer.zero_grad(set_to_none=True)
     for it, (inputs, targets, n_bad) in enumerate(loader):
@@ -392,6 +392,11 @@ def compiled(model, args, mode: str | None = None):
 
 
 # ------------------------------------------------------------------------------ main
+# what the console shows of each epoch's log.txt record
+EPOCH_SUMMARY = ("train_loss", "val_loss", "train_lr", "train_images_per_sec", "train_nonfinite_steps",
+                 "train_skipped_files")
+
+
 def main(args):
     start_run(args, invalid_training_flags(args) + invalid_pretrain_flags(args))
     registry = pretrain_models()
@@ -432,11 +437,12 @@ def main(args):
     stop_flag = {}
     install_sigterm_handler(stop_flag)
     guard = NonFiniteGuard(args.max_nonfinite, args.device, args.output_dir, args.distributed)
+    run = RunProgress(args.epochs)
     for epoch in range(args.start_epoch, args.epochs):
         start_epoch_data(train_loader, epoch, args)
         try:
             stats = train_one_epoch(train_model, train_loader, optimizer, scaler, epoch, args, norm, writer,
-                                    stop_flag, guard)
+                                    stop_flag, guard, run)
         except StopTraining as err:
             raise SystemExit(str(err))
         interrupted = stats.pop("interrupted")
@@ -458,6 +464,7 @@ def main(args):
             state = checkpoint_state(model, optimizer, scaler, epoch, args)
             save_epoch_checkpoint(state, epoch, args, numbered=(epoch + 1) % args.save_freq == 0 or last)
             append_log(args.output_dir, log, writer, epoch)
+            print(epoch_summary(log, EPOCH_SUMMARY, run), flush=True)
         if stop_flag.get("stop"):
             print(f"SIGTERM received: checkpoint of epoch {epoch} saved; exiting", flush=True)
             break

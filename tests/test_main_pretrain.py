@@ -58,6 +58,16 @@ def test_a_run_inside_its_warm_up_warns_and_one_past_it_does_not(data, tmp_path)
     assert not [w for w in caught if "warmup" in str(w.message)]
 
 
+def test_console_gets_human_lines_with_the_run_eta_and_log_txt_the_json(data, tmp_path, capsys):
+    log = run(data, tmp_path, "--eval_freq", "1", epochs=2)
+    lines = capsys.readouterr().out.splitlines()
+    assert not [line for line in lines if line.lstrip().startswith("{")]  # the JSON is in log.txt only
+    interval = [line for line in lines if line.startswith("epoch 0 (of 2) [2/4] loss ")]
+    assert len(interval) == 1 and ", eta epoch " in interval[0] and ", run " in interval[0]
+    done = [line for line in lines if line.startswith("epoch 1 (of 2) done: train_loss ")]
+    assert len(done) == 1 and f"val_loss {log[1]['val_loss']:.4g}" in done[0] and done[0].endswith("run eta 0:00:00")
+
+
 def test_outputs_and_checkpoint_contents(data, tmp_path):
     log = run(data, tmp_path, "--eval_freq", "1", "--save_freq", "2", epochs=2)
     files = set(os.listdir(tmp_path))

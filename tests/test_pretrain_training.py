@@ -1,4 +1,5 @@
 """Pieces of the pretraining loop: non-finite steps, checkpoint pruning, DICOM frames as samples."""
+import math
 import os
 import shutil
 from types import SimpleNamespace
@@ -130,3 +131,44 @@ def test_a_warm_up_that_lasts_the_whole_run_is_named_with_the_lr_it_reaches():
     assert "from 60% to at most 100%" in problem(30, 50, 50)  # resumed at epoch 30, warm-up = run
     assert problem(0, 100, 40) is None and problem(39, 41, 40) is None
     assert "nothing left to train" in problem(10, 10, 1)
+
+
+def test_run_eta_counts_this_epoch_and_the_later_ones_at_the_mean_step_time(monkeypatch):
+    from util import training
+
+    assert training.format_duration(3723) == "1:02:03" and training.format_duration(90061) == "1 d 1:01:01"
+    assert training.format_duration(float("nan")) == "?" and math.isnan(training.eta_seconds(5.0, 0, 10))
+    clock = iter([100.0, 160.0])  # the run's first step at t = 100 s; asked at t = 160 s
+    monkeypatch.setattr(training.time, "time", lambda: next(clock))
+    run = training.RunProgress(end_epoch=10)
+    run.start_epoch(2, steps=50)  # resumed at epoch 2: epochs 2-9 are this run's
+    run.steps_done = 30  # 2 s per step so far
+    # 20 steps left in epoch 2, then 7 epochs of 50: 370 steps x 2 s
+    assert run.eta(steps_left_in_epoch=20) == 740.0
+    assert run.epoch_name(2) == "epoch 2 (of 10)"
+    stopping = training.RunProgress(end_epoch=5, early_stop=True)
+    assert stopping.epoch_name(2) == "epoch 2" and "early stop" in stopping.describe_eta(0)
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    from util import training
+
+    class Console:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+        def write(self, text):
+            pass
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(training.sys, "stderr", Console(False))
+    assert training.progress_bar(10, "epoch 0") is None
+    monkeypatch.setattr(training.sys, "stderr", Console(True))
+    bar = training.progress_bar(10, "epoch 0")
+    assert bar is not None and bar.total == 10
+    bar.close()

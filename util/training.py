@@ -15,6 +15,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 import warnings
 
@@ -216,20 +217,79 @@ class NonFiniteGuard:
                                "lower --blr, or use --amp bf16 or --amp none.")
 
 
+def format_duration(seconds: float) -> str:
+    """``1:02:03``, ``2 d 01:02:03`` beyond a day, ``?`` when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(round(max(seconds, 0.0))), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return (f"{days} d " if days else "") + f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def eta_seconds(elapsed: float, steps_done: int, steps_left: int) -> float:
+    """Time left at the mean time per step so far (nan before the first step)."""
+    return elapsed / steps_done * steps_left if steps_done else float("nan")
+
+
+class RunProgress:
+    """The whole run's progress, for its ETA (not just the epoch's): the mean wall time per training step
+    since the run's first step -- validation, checkpoints and figures of the epochs done included --
+    times the steps left (this epoch's and ``steps_per_epoch`` for each later epoch up to ``end_epoch``).
+    ``early_stop``: ``end_epoch`` is where early stopping ends the run unless the validation metric
+    improves (the caller moves it on), not ``--epochs``."""
+
+    def __init__(self, end_epoch: int, early_stop: bool = False):
+        self.end_epoch, self.early_stop = end_epoch, early_stop
+        self.epoch, self.steps_per_epoch, self.steps_done, self.start = 0, 0, 0, None
+
+    def start_epoch(self, epoch: int, steps: int) -> None:
+        self.epoch, self.steps_per_epoch = epoch, steps
+        if self.start is None:
+            self.start = time.time()
+
+    def eta(self, steps_left_in_epoch: int) -> float:
+        later_epochs = max(self.end_epoch - self.epoch - 1, 0)
+        elapsed = time.time() - self.start if self.start is not None else 0.0
+        return eta_seconds(elapsed, self.steps_done, steps_left_in_epoch + later_epochs * self.steps_per_epoch)
+
+    def describe_eta(self, steps_left_in_epoch: int) -> str:
+        note = " (at the early stop, unless val improves)" if self.early_stop else ""
+        return format_duration(self.eta(steps_left_in_epoch)) + note
+
+    def epoch_name(self, epoch: int) -> str:
+        return f"epoch {epoch}" if self.early_stop else f"epoch {epoch} (of {self.end_epoch})"
+
+
+def progress_bar(total: int, description: str, unit: str = "step"):
+    """A tqdm bar on the main process when the console is a terminal (None otherwise: logs redirected
+    to a file get the lines of :class:`EpochMeter` only)."""
+    if not (du.is_main_process() and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=description, unit=unit, leave=False, dynamic_ncols=True)
+
+
 class EpochMeter:
     """The running numbers of one training epoch (after the MetricLogger of facebookresearch/mae's
     util/misc.py), without a host sync per step: the loss sum and the step counts stay on the device and
-    are read at log intervals (``--print_freq``), where the non-finite guard is checked too, and once
-    at the end of the epoch, summed over the processes."""
+    are read at log intervals (``--print_freq``), where the non-finite guard is checked too, one human
+    line is printed (with the epoch's and the run's ETA) and TensorBoard gets the running loss; and
+    once at the end of the epoch, summed over the processes. On a terminal a progress bar counts the
+    steps in between (a host-side counter: no sync)."""
 
-    def __init__(self, epoch: int, steps: int, args, guard: NonFiniteGuard, writer=None):
+    def __init__(self, epoch: int, steps: int, args, guard: NonFiniteGuard, writer=None,
+                 run: RunProgress | None = None):
         self.epoch, self.steps, self.args, self.guard, self.writer = epoch, steps, args, guard, writer
+        self.run = run or RunProgress(epoch + 1)
+        self.run.start_epoch(epoch, steps)
         self.loss_sum = torch.zeros((), device=args.device)  # over the steps with a finite loss
         self.finite_steps = torch.zeros((), device=args.device)
         self.nonfinite_steps = torch.zeros((), device=args.device)
         self.images, self.skipped_files, self.steps_run = 0, 0, 0
         self.lr = 0.0
         self.start = time.time()
+        self.bar = progress_bar(steps, self.run.epoch_name(epoch))
 
     def skipped(self, files: int) -> None:
         """Unreadable files left out of a batch."""
@@ -243,14 +303,36 @@ class EpochMeter:
         self.loss_sum += torch.where(finite, loss, torch.zeros_like(loss))
         self.images += images
         self.steps_run += 1
+        self.run.steps_done += 1
         self.guard.step(finite)
+        if self.bar is not None:
+            self.bar.update(1)
         if (it + 1) % self.args.print_freq == 0 or it + 1 == self.steps:
             self.guard.check()
-            log_progress(self.epoch, it, self.steps, self.loss_sum / self.finite_steps.clamp_min(1), self.images,
-                         self.start, self.lr, self.writer, self.args)
+            self.log(it)
+
+    def log(self, it: int) -> None:
+        """The line of a log interval (one host sync: the running mean loss)."""
+        elapsed = time.time() - self.start
+        mean_loss = (self.loss_sum / self.finite_steps.clamp_min(1)).item()
+        left = self.steps - it - 1
+        line = (f"{self.run.epoch_name(self.epoch)} [{it + 1}/{self.steps}] loss {mean_loss:.4f} lr {self.lr:.3e} "
+                f"{self.images / max(elapsed, 1e-9):.1f} img/s, eta epoch "
+                f"{format_duration(eta_seconds(elapsed, it + 1, left))}, run {self.run.describe_eta(left)}")
+        if self.bar is not None:
+            self.bar.write(line)
+            self.bar.set_postfix(loss=f"{mean_loss:.4f}", run_eta=self.run.describe_eta(left), refresh=False)
+        else:
+            print(line, flush=True)
+        if self.writer is not None:
+            step = int((self.epoch + (it + 1) / self.steps) * 1000)
+            self.writer.add_scalar("train_loss", mean_loss, step)
+            self.writer.add_scalar("lr", self.lr, step)
 
     def finish(self, interrupted: bool = False) -> dict:
         """The epoch's numbers over every process (one collective); stops the run if nothing was learned."""
+        if self.bar is not None:
+            self.bar.close()
         device = self.loss_sum.device
         totals = torch.stack([self.loss_sum, self.finite_steps, self.nonfinite_steps,
                               torch.tensor(float(self.images), device=device),
@@ -262,6 +344,14 @@ class EpochMeter:
         return {"loss": loss_total / max(good_steps, 1), "lr": self.lr, "nonfinite_steps": int(bad_steps),
                 "skipped_files": int(skipped_total), "images_per_sec": images_total / max(elapsed, 1e-9),
                 "interrupted": interrupted}
+
+
+def epoch_summary(log: dict, keys, run: RunProgress) -> str:
+    """The console's line for a finished epoch (log.txt gets the whole record as JSON): ``keys`` of
+    ``log`` that it has, numbers with 4 significant digits, and the run's ETA."""
+    parts = [f"{key} {log[key]:.4g}" if isinstance(log[key], float) else f"{key} {log[key]}"
+             for key in keys if key in log]
+    return f"{run.epoch_name(log['epoch'])} done: {', '.join(parts)}; run eta {run.describe_eta(0)}"
 
 
 # Largest --blur_sigma accepted. OpenCV derives the Gaussian kernel from sigma (side about 6 sigma + 1
@@ -347,6 +437,8 @@ def check_log_not_linked(out_dir) -> None:
 
 
 def append_log(out_dir, log, writer, epoch):
+    """One JSON line in log.txt (not followed through a link) and the record's numbers in TensorBoard;
+    nothing on the console (the scripts print a human line)."""
     path = os.path.join(out_dir, LOG_FILE)
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
     try:
@@ -357,24 +449,10 @@ def append_log(out_dir, log, writer, epoch):
         raise
     with os.fdopen(fd, "a") as f:
         f.write(json.dumps(log) + "\n")
-    print(json.dumps(log))
     if writer is not None:
         for key, value in log.items():
             if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
                 writer.add_scalar(f"epoch/{key}", value, epoch)
-
-
-def log_progress(epoch, it, steps, mean_loss, images, start, lr, writer, args):
-    elapsed = time.time() - start
-    rate = images / max(elapsed, 1e-9)
-    eta = (steps - it - 1) * elapsed / (it + 1)
-    mean_loss = mean_loss.item()
-    print(f"epoch {epoch} [{it + 1}/{steps}] loss {mean_loss:.4f} lr {lr:.3e} "
-          f"{rate:.1f} img/s eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
-    if writer is not None:
-        step = int((epoch + (it + 1) / steps) * 1000)
-        writer.add_scalar("train_loss", mean_loss, step)
-        writer.add_scalar("lr", lr, step)
 
 
 def plain_args(args) -> dict:
