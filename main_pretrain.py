@@ -109,6 +109,9 @@ def invalid_pretrain_flags(args) -> list:
     problems = [f"--{flag} {getattr(args, flag)}: must be at least {low}"
                 for flag, low in (("save_freq", 1), ("eval_freq", 1), ("keep_last", 0))
                 if getattr(args, flag) < low]
+    if args.compile and args.deterministic:
+        problems.append("--compile with --deterministic: compiled kernels are not checked for determinism; "
+                        "leave out --compile (it is off by default with --deterministic)")
     size = " ".join(map(str, args.input_size))
     patch = patch_size_of(args.model)
     if len(args.input_size) not in (1, 2) or min(args.input_size) < 1:
@@ -379,12 +382,13 @@ def write_figure(model, dataset, norm, epoch, args, writer):
 
 
 def compiled(model, args, mode: str | None = None):
-    """``torch.compile`` (with ``mode``) when asked, or by default on CUDA. Measured on the H200 for the
-    published models (docs/performance.md): +38 % img/s for Deblurring MAE-B, +43 % for Deblurring
-    ConvMAE-B. When compiling was not asked for explicitly, a compiler failure (e.g. no C compiler
-    for Triton) falls back to eager execution with a warning instead of stopping the run."""
+    """``torch.compile`` (with ``mode``) when asked, or by default on CUDA (not with --deterministic).
+    Measured on the H200 for the published models (docs/performance.md): +38 % img/s for Deblurring
+    MAE-B, +43 % for Deblurring ConvMAE-B. When compiling was not asked for explicitly, a compiler
+    failure (e.g. no C compiler for Triton) falls back to eager execution with a warning instead of
+    stopping the run."""
     if args.compile is None:
-        args.compile = device_type(args) == "cuda"
+        args.compile = device_type(args) == "cuda" and not args.deterministic
         if args.compile:
             import torch._dynamo as dynamo  # (a plain `import torch._dynamo` would make `torch` local here)
             dynamo.config.suppress_errors = True

@@ -117,7 +117,8 @@ def step_settings(args) -> argparse.Namespace:
     """The settings main_pretrain.pretrain_step reads, from the benchmark's flags (one process, no
     accumulation; the lr and weight decay only set the size of the updates)."""
     return argparse.Namespace(device=args.device, amp=PRECISIONS[args.precision], mask_ratio=args.mask_ratio,
-                              accum_iter=1, distributed=False, lr=1e-4, weight_decay=0.05, compile=args.compile)
+                              accum_iter=1, distributed=False, lr=1e-4, weight_decay=0.05, compile=args.compile,
+                              deterministic=False)
 
 
 def build_step(args):

@@ -250,6 +250,11 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                                       "one device")
     group.add_argument("--seed", default=0, type=int,
                        help="seed of every random draw (each process adds its rank)")
+    group.add_argument("--deterministic", action="store_true",
+                       help="deterministic algorithms only: torch.use_deterministic_algorithms, cuDNN without "
+                            "benchmarking, CUBLAS_WORKSPACE_CONFIG=:4096:8, no torch.compile; slower on GPUs (README "
+                            "says what stays non-deterministic there). On CPU the same command, --seed and thread "
+                            "count repeat bit for bit without it too")
     group.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     group.add_argument("--dist_timeout", default=1800, type=int,
                        help="seconds a process waits for the others in a collective before failing "

@@ -82,16 +82,33 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# cuBLAS's workspace setting for deterministic results (CUDA >= 10.2), read when cuBLAS starts
+DETERMINISTIC_CUBLAS_WORKSPACE = ":4096:8"
+
+
+def use_deterministic_algorithms(enabled: bool) -> None:
+    """``--deterministic``: only deterministic algorithms (torch raises for an operation that has none),
+    cuDNN without benchmarking (which may pick another algorithm in each run). To be called before any
+    CUDA work: the cuBLAS workspace setting is read when cuBLAS starts (a value the user set is kept)."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", DETERMINISTIC_CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+
+
 def start_run(args, problems) -> None:
     """The start of every training script: refuse flags that cannot work (``problems``, before any work),
-    join the process group, check the output folder and seed every generator (per rank)."""
+    set ``--deterministic``, join the process group, check the output folder and seed every generator
+    (per rank)."""
     refuse_invalid_flags(problems)
+    if args.deterministic:
+        use_deterministic_algorithms(True)
     du.init_distributed(args)
     check_writable(args.output_dir)
     check_log_not_linked(args.output_dir)
     seed_everything(args.seed + du.get_rank())
-    if device_type(args) == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest convolutions
+    # fixed input shapes: let cuDNN pick the fastest convolutions (it may pick others in another run)
+    torch.backends.cudnn.benchmark = device_type(args) == "cuda" and not args.deterministic
 
 
 def schedule_problem(args) -> str | None:
@@ -420,6 +437,9 @@ def install_sigterm_handler(stop_flag):
 
 
 LOG_FILE = "log.txt"
+# The fields of log.txt that measure time, not the run: the only ones that differ between two runs of
+# the same command on CPU (same --seed and thread count; tests/test_reproducibility.py, README).
+TIMING_FIELDS = ("train_images_per_sec",)
 
 
 def _linked_log(path: str) -> str:
