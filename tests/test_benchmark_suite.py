@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tools import benchmark, benchmark_suite
+from util.arguments import default_num_workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BAD = {"name": "bad model", "model": "no_such_model", "batch_size": 4, "input_size": 64, "steps": 1, "warmup": 0}
@@ -68,7 +69,7 @@ def test_every_configuration_is_a_valid_benchmark_command(name):
             continue  # --tiny replaces the model, size and precision
         assert args.model == config.get("model", "dmae_vit_base_patch16")
         assert args.precision == config.get("precision", "bf16")
-        assert args.num_workers == config.get("num_workers", 8)
+        assert args.num_workers == config.get("num_workers", default_num_workers())  # the machine's, by default
         assert args.cache_dir == config.get("cache_dir", "")
         assert args.compile_mode == config.get("compile_mode", "default")
         assert args.channels_last == config.get("channels_last", False)

@@ -62,10 +62,12 @@ def test_console_gets_human_lines_with_the_run_eta_and_log_txt_the_json(data, tm
     log = run(data, tmp_path, "--eval_freq", "1", epochs=2)
     lines = capsys.readouterr().out.splitlines()
     assert not [line for line in lines if line.lstrip().startswith("{")]  # the JSON is in log.txt only
-    interval = [line for line in lines if line.startswith("epoch 0 (of 2) [2/4] loss ")]
+    interval = [line for line in lines if line.startswith("epoch 0 [2/4] loss ")]
     assert len(interval) == 1 and ", eta epoch " in interval[0] and ", run " in interval[0]
-    done = [line for line in lines if line.startswith("epoch 1 (of 2) done: train_loss ")]
-    assert len(done) == 1 and f"val_loss {log[1]['val_loss']:.4g}" in done[0] and done[0].endswith("run eta 0:00:00")
+    assert [line for line in lines if line.startswith("epoch 0 done: train_loss ")][0].endswith(", 1 epoch to go")
+    done = [line for line in lines if line.startswith("epoch 1 done: train_loss ")]
+    assert len(done) == 1 and f"val_loss {log[1]['val_loss']:.4g}" in done[0]
+    assert done[0].endswith("run eta 0:00:00, 0 epochs to go")
 
 
 def test_outputs_and_checkpoint_contents(data, tmp_path):

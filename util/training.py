@@ -123,8 +123,8 @@ def schedule_problem(args) -> str | None:
         return None
     return (f"--warmup_epochs {warmup:g} is not shorter than the run (--epochs {end}): the learning rate rises "
             f"linearly through all of it, here from {first / warmup:.0%} to at most {end / warmup:.0%} of "
-            f"{args.lr:.3e}, and never decays; a run this short learns little. The warm-up is kept as asked: "
-            f"pass e.g. --warmup_epochs {end / 10:g} (a tenth of the run) to reach the full rate.")
+            f"{args.lr:.3e}, and never decays. The warm-up is kept as asked: pass e.g. --warmup_epochs "
+            f"{end / 10:g} (a tenth of the run) to train at the full rate.")
 
 
 def warn_on_schedule(args) -> None:
@@ -274,8 +274,9 @@ class RunProgress:
         note = " (at the early stop, unless val improves)" if self.early_stop else ""
         return format_duration(self.eta(steps_left_in_epoch)) + note
 
-    def epoch_name(self, epoch: int) -> str:
-        return f"epoch {epoch}" if self.early_stop else f"epoch {epoch} (of {self.end_epoch})"
+    def epochs_to_go(self) -> int:
+        """Epochs after the current one (to the early stop, with ``early_stop``)."""
+        return max(self.end_epoch - self.epoch - 1, 0)
 
 
 def progress_bar(total: int, description: str, unit: str = "step"):
@@ -306,7 +307,7 @@ class EpochMeter:
         self.images, self.skipped_files, self.steps_run = 0, 0, 0
         self.lr = 0.0
         self.start = time.time()
-        self.bar = progress_bar(steps, self.run.epoch_name(epoch))
+        self.bar = progress_bar(steps, f"epoch {epoch}")
 
     def skipped(self, files: int) -> None:
         """Unreadable files left out of a batch."""
@@ -326,25 +327,7 @@ class EpochMeter:
             self.bar.update(1)
         if (it + 1) % self.args.print_freq == 0 or it + 1 == self.steps:
             self.guard.check()
-            self.log(it)
-
-    def log(self, it: int) -> None:
-        """The line of a log interval (one host sync: the running mean loss)."""
-        elapsed = time.time() - self.start
-        mean_loss = (self.loss_sum / self.finite_steps.clamp_min(1)).item()
-        left = self.steps - it - 1
-        line = (f"{self.run.epoch_name(self.epoch)} [{it + 1}/{self.steps}] loss {mean_loss:.4f} lr {self.lr:.3e} "
-                f"{self.images / max(elapsed, 1e-9):.1f} img/s, eta epoch "
-                f"{format_duration(eta_seconds(elapsed, it + 1, left))}, run {self.run.describe_eta(left)}")
-        if self.bar is not None:
-            self.bar.write(line)
-            self.bar.set_postfix(loss=f"{mean_loss:.4f}", run_eta=self.run.describe_eta(left), refresh=False)
-        else:
-            print(line, flush=True)
-        if self.writer is not None:
-            step = int((self.epoch + (it + 1) / self.steps) * 1000)
-            self.writer.add_scalar("train_loss", mean_loss, step)
-            self.writer.add_scalar("lr", self.lr, step)
+            log_progress(self.epoch, it, self)
 
     def finish(self, interrupted: bool = False) -> dict:
         """The epoch's numbers over every process (one collective); stops the run if nothing was learned."""
@@ -363,12 +346,35 @@ class EpochMeter:
                 "interrupted": interrupted}
 
 
+def log_progress(epoch: int, it: int, meter: EpochMeter) -> None:
+    """The log interval after step ``it`` of ``epoch``: one console line (one host sync: the running
+    mean loss) with the epoch's and the run's ETA, the bar's loss, TensorBoard's running loss and lr.
+    A module-level function: the one place where every log interval passes, for hooks."""
+    elapsed = time.time() - meter.start
+    mean_loss = (meter.loss_sum / meter.finite_steps.clamp_min(1)).item()
+    left = meter.steps - it - 1
+    line = (f"epoch {epoch} [{it + 1}/{meter.steps}] loss {mean_loss:.4f} lr {meter.lr:.3e} "
+            f"{meter.images / max(elapsed, 1e-9):.1f} img/s, eta epoch "
+            f"{format_duration(eta_seconds(elapsed, it + 1, left))}, run {meter.run.describe_eta(left)}")
+    if meter.bar is not None:
+        meter.bar.write(line)
+        meter.bar.set_postfix(loss=f"{mean_loss:.4f}", run_eta=meter.run.describe_eta(left), refresh=False)
+    else:
+        print(line, flush=True)
+    if meter.writer is not None:
+        step = int((epoch + (it + 1) / meter.steps) * 1000)
+        meter.writer.add_scalar("train_loss", mean_loss, step)
+        meter.writer.add_scalar("lr", meter.lr, step)
+
+
 def epoch_summary(log: dict, keys, run: RunProgress) -> str:
     """The console's line for a finished epoch (log.txt gets the whole record as JSON): ``keys`` of
     ``log`` that it has, numbers with 4 significant digits, and the run's ETA."""
     parts = [f"{key} {log[key]:.4g}" if isinstance(log[key], float) else f"{key} {log[key]}"
              for key in keys if key in log]
-    return f"{run.epoch_name(log['epoch'])} done: {', '.join(parts)}; run eta {run.describe_eta(0)}"
+    to_go = run.epochs_to_go()
+    return (f"epoch {log['epoch']} done: {', '.join(parts)}; run eta {run.describe_eta(0)}, "
+            f"{to_go} epoch{'' if to_go == 1 else 's'} to go")
 
 
 # Largest --blur_sigma accepted. OpenCV derives the Gaussian kernel from sigma (side about 6 sigma + 1
