@@ -54,7 +54,7 @@ from util.knn import knn_class_probabilities
 from util.lars import LARS
 from util.lr_sched import effective_lr
 from util.metrics import evaluate_and_write, format_results_table, gather_unique_predictions, resolve_pos_class
-from util.training import StopTraining, append_log, install_sigterm_handler, run_cli
+from util.training import NonFiniteGuard, StopTraining, append_log, install_sigterm_handler, run_cli
 
 PROBE_HEAD_KEYS = ("head.0.running_mean", "head.0.running_var", "head.1.weight", "head.1.bias")
 
@@ -440,12 +440,13 @@ def run_training(model, datasets, class_names, pos_class, resume_ckpt, args) -> 
 
     stop_flag = {}
     install_sigterm_handler(stop_flag)
+    guard = NonFiniteGuard(args.max_nonfinite, args.device, args.output_dir, args.distributed)
     finished = True
     for epoch in range(args.start_epoch, args.epochs):
         start_epoch_data(train_batches, epoch, args)
         try:
             stats = train_one_epoch(probe, train_batches, optimizer, None, criterion, None, epoch, args, writer,
-                                    stop_flag)
+                                    stop_flag, guard)
         except StopTraining as err:
             raise SystemExit(str(err))
         if stats.pop("interrupted"):

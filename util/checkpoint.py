@@ -89,13 +89,15 @@ def load_checkpoint_file(path: Union[str, os.PathLike], map_location="cpu") -> d
     except PermissionError as err:
         raise CheckpointError(f"{path}: cannot read it ({err.strerror}). Check its permissions.") from None
     except pickle.UnpicklingError as err:
-        disallowed = re.search(r"GLOBAL ([\w.]+)", str(err))
+        # a global outside the allow-list, or an attribute lookup the allow-listed getattr refuses
+        # (SEG/mmseg_compat.py's restricted getattr for mmengine's HistoryBuffer)
+        disallowed = re.search(r"GLOBAL ([\w.]+)|refused (getattr\([^)]*\))", str(err))
         if disallowed is None:  # bytes the unpickler does not understand (torch's text would blame safety)
             raise _corrupt(path, "its pickled data is damaged") from None
         raise CheckpointError(
             f"{path}: refused to load: the file pickles objects outside the safe allow-list "
             f"(only tensors, containers and argparse.Namespace are accepted; it holds "
-            f"{disallowed.group(1)}). Loading it would run arbitrary code. If you trust its origin, re-save "
+            f"{disallowed.group(1) or disallowed.group(2)}). Loading it would run arbitrary code. If you trust its origin, re-save "
             f"only its weights (torch.save({{'model': state_dict}}, ...)) and pass that file.") from None
     except Exception as err:  # a damaged archive or pickle fails with whatever the reader hits first
         detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
