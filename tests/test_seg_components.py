@@ -279,6 +279,22 @@ def test_unreadable_resume_checkpoint_names_the_previous_intact_one(tmp_path):
         'holds the best weights (no optimizer state): --load-from it starts a new schedule from them.')
 
 
+def test_checkpoints_are_written_atomically_and_a_failed_write_names_the_seg_fix(tmp_path):
+    import mmengine.runner.runner
+    from mmseg_custom.checkpoints import save_checkpoint_atomically
+    from util.checkpoint import CheckpointError
+
+    assert mmengine.runner.runner.save_checkpoint is save_checkpoint_atomically  # Runner's writer
+    save_checkpoint_atomically({'state_dict': {'w': torch.ones(2)}}, str(tmp_path / 'iter_1.pth'))
+    assert os.listdir(tmp_path) == ['iter_1.pth']  # no temporary file left behind
+    assert torch.equal(torch.load(tmp_path / 'iter_1.pth', weights_only=True)['state_dict']['w'],
+                       torch.ones(2))
+    (tmp_path / 'not_a_folder').write_text('')
+    with pytest.raises(CheckpointError, match=r'could not write .*not_a_folder/iter_2\.pth .*'
+                       r'pass a writable --work-dir\) and re-run the same command with --resume'):
+        save_checkpoint_atomically({'state_dict': {}}, str(tmp_path / 'not_a_folder' / 'iter_2.pth'))
+
+
 # ------------------------------------------------------------------ class-weighted loss
 @pytest.mark.parametrize('avg_non_ignore', [False, True])
 def test_class_weighted_cross_entropy_with_ignored_pixels(avg_non_ignore):

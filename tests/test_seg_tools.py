@@ -1,6 +1,6 @@
 """SEG/tools end to end on CPU: train.py (2 iterations + validation), test.py (table, per-image
-metrics JSON, overlays), --resume (also in a copied work dir), and dist_train.sh / dist_test.sh
-with one process; checkpoints they must refuse. Tiny ConvViT and ViT backbones on 64x64 crops;
+metrics JSON, overlays), --resume (also in a copied work dir, and after a kill -9 inside a
+checkpoint write), and dist_train.sh / dist_test.sh with one process; checkpoints they must refuse. Tiny ConvViT and ViT backbones on 64x64 crops;
 configs inherit the real experiment configs, data made here. The tools run as the published
 commands do: from SEG/, in subprocesses; runs that must stop before training are called in this
 process (no start-up of a new interpreter and mmseg for each)."""
@@ -9,9 +9,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import cv2
 import numpy as np
@@ -353,3 +355,104 @@ def test_checkpoint_whose_pickle_would_run_code_is_refused(entry, workspace, tmp
     assert message.startswith(f'error: {evil}: refused to load: the file pickles objects outside '
                               'the safe allow-list')
     assert not os.path.exists(_RunsCode.marker)
+
+
+# ------------------------------------------------------------------ kill -9 inside a checkpoint write
+# The child runs tools/train.py through this wrapper: once the checkpoint file named PAUSE_SAVE_OF
+# has been written (atomically: the temporary file ``util.fileio.atomic_path`` hands torch.save;
+# or in place, as mmengine's own writer does), it is cut to half its size (what a kill mid-write
+# leaves), the test is signalled and the process sleeps until it is killed.
+PAUSE_IN_SEG_SAVE = """
+import os, runpy, sys, time
+import torch
+from mmengine.fileio.backends import LocalBackend
+target, marker = os.environ['PAUSE_SAVE_OF'], os.environ['PAUSE_MARKER']
+
+def pause_in(path):
+    with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with open(marker, 'w') as f:
+        f.write(path)
+    time.sleep(600)
+
+real_save, real_put = torch.save, LocalBackend.put
+
+def save(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    if os.path.basename(str(f)).startswith('.' + target + '.'):
+        pause_in(str(f))
+
+def put(self, obj, filepath):
+    real_put(self, obj, filepath)
+    if os.path.basename(str(filepath)) == target:
+        pause_in(str(filepath))
+
+torch.save, LocalBackend.put = save, put
+script = sys.argv[1]
+sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+sys.argv = sys.argv[1:]
+runpy.run_path(script, run_name='__main__')
+"""
+
+
+def _killed_inside_the_write_of(name, args, tmp_path):
+    """Run tools/train.py ``args``; kill -9 it while ``name`` is being written. Returns the path
+    of the half-written file."""
+    wrapper, marker, log = tmp_path / 'pause_in_save.py', tmp_path / 'paused', tmp_path / f'{name}.log'
+    wrapper.write_text(PAUSE_IN_SEG_SAVE)
+    marker.unlink(missing_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS='2', PAUSE_SAVE_OF=name, PAUSE_MARKER=str(marker))
+    with open(log, 'w') as out:
+        proc = subprocess.Popen([sys.executable, str(wrapper), 'tools/train.py', *args], cwd=SEG_DIR,
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while not marker.exists():
+            assert proc.poll() is None, f'ended before writing {name}: {log.read_text()[-4000:]}'
+            assert time.time() < deadline, f'timed out waiting for the write of {name}'
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return marker.read_text()
+
+
+def _checkpoints_on_disk(work_dir):
+    """Names of the checkpoint files under their own names, each loaded (a truncated or unsafe
+    file fails here); hidden ``.tmp.pth`` files are what atomic writes cut short leave."""
+    from util.checkpoint import load_checkpoint_file
+
+    names = set()
+    for path in work_dir.glob('[!.]*.pth'):
+        assert 'state_dict' in load_checkpoint_file(str(path)), path
+        names.add(path.name)
+    return names
+
+
+def test_kill_inside_checkpoint_writes_leaves_a_complete_checkpoint_and_resume_continues(
+        workspace, convvit_run, tmp_path):
+    """mmengine deleted the checkpoint it replaces (the previous iter_N.pth with the published
+    max_keep_ckpts=1, the previous best) before writing the new one in place: a kill during the
+    write left a truncated file and nothing to --resume from."""
+    work_dir = tmp_path / 'run'
+    shutil.copytree(convvit_run[0], work_dir)
+    _set_best_score(work_dir / 'iter_2.pth', -1.0)  # iteration 4's validation is a new best
+    args = [str(workspace / 'tiny_convvit.py'), '--work-dir', str(work_dir), '--launcher', 'none',
+            '--resume', '--options', f'data_root={workspace / "data"}', 'train_cfg.max_iters=4']
+
+    half_written = _killed_inside_the_write_of('iter_4.pth', args, tmp_path)
+    assert os.path.basename(half_written).startswith('.iter_4.pth.')  # a hidden temporary file
+    assert _checkpoints_on_disk(work_dir) == {'iter_2.pth', 'best_mDice_iter_2.pth'}
+
+    half_written = _killed_inside_the_write_of('best_mDice_iter_4.pth', args, tmp_path)
+    assert os.path.basename(half_written).startswith('.best_mDice_iter_4.pth.')
+    # iter_4.pth is complete and recorded; only then was iter_2.pth deleted
+    assert _checkpoints_on_disk(work_dir) == {'iter_4.pth', 'best_mDice_iter_2.pth'}
+    assert (work_dir / 'last_checkpoint').read_text() == str(work_dir / 'iter_4.pth')
+
+    _in_process('train')(args[:-1] + ['train_cfg.max_iters=6'])
+    assert _checkpoints_on_disk(work_dir) == {'iter_6.pth', 'best_mDice_iter_6.pth'}
+    log = max(work_dir.glob('*/*.log')).read_text()
+    assert f'Load checkpoint from {work_dir / "iter_4.pth"}' in log
+    assert re.search(r'Iter\(train\) \[5/6\]', log) and not re.search(r'Iter\(train\) \[[1-4]/6\]', log)
+    assert f'The previous best checkpoint {work_dir / "best_mDice_iter_2.pth"} is removed' in log

@@ -7,8 +7,9 @@ the command line and to the machine.
   ``data_root`` into each dataset when the file is read, so overriding only the top-level key
   would change nothing. A split's own ``data_root`` given on the command line
   (``train_dataloader.dataset.data_root=...``, the mmseg way) is kept.
-* Checkpoints: mmengine's ``CheckpointHook`` becomes ``WorkDirCheckpointHook`` (never deletes
-  outside the work dir), and a checkpoint to load or resume is checked against the segmentor
+* Checkpoints: mmengine's ``CheckpointHook`` becomes ``WorkDirCheckpointHook`` (writes atomically,
+  deletes a replaced checkpoint only after the new one is complete and never outside the work
+  dir), and a checkpoint to load or resume is checked against the segmentor
   (``mmseg_custom/checkpoints.py``).
 * Without a GPU the same config runs: AmpOptimWrapper (which asserts a GPU) becomes OptimWrapper,
   SyncBN becomes BN, distributed runs use gloo and an unpinned DDP wrapper. On a GPU without
