@@ -456,3 +456,157 @@ def test_kill_inside_checkpoint_writes_leaves_a_complete_checkpoint_and_resume_c
     assert f'Load checkpoint from {work_dir / "iter_4.pth"}' in log
     assert re.search(r'Iter\(train\) \[5/6\]', log) and not re.search(r'Iter\(train\) \[[1-4]/6\]', log)
     assert f'The previous best checkpoint {work_dir / "best_mDice_iter_2.pth"} is removed' in log
+
+
+# ------------------------------------------------------------------ repeatable runs
+# What differs between two runs of the same command is time, and only time: the wall-clock stamp of
+# each log line, the iteration and data-loading times and the ETA derived from them (``time``,
+# ``data_time``, ``eta``; ``memory`` on GPUs), the run's start timestamp (the name of its log
+# folder and files, mmengine's experiment name, ``meta.time`` of a checkpoint), and the wall time
+# TensorBoard stores with every event (its file name carries the time, host and process id).
+TIMESTAMP = re.compile(r'\d{8}_\d{6}')
+TIMED_FIELDS = ('time', 'data_time', 'eta', 'memory')
+LOG_PREFIX = re.compile(r'^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d - ', flags=re.M)
+TIMED_VALUE = re.compile(r'\b(eta|data_time|time|memory): [\d.:]+')
+
+
+def _same(a, b, where):
+    """Equal, recursively: tensors bit for bit, NaN equal to NaN."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), where
+        for key in a:
+            _same(a[key], b[key], f'{where}.{key}')
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f'{where}[{i}]')
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind == 'f'), where
+    elif isinstance(a, float) and np.isnan(a):
+        assert isinstance(b, float) and np.isnan(b), where
+    else:
+        assert type(a) is type(b) and a == b, f'{where}: {a!r} != {b!r}'
+
+
+def _untimed_checkpoint(path):
+    if SEG_DIR not in sys.path:
+        sys.path.append(SEG_DIR)
+    import mmseg_compat  # noqa: F401  (lets torch read mmengine's message hub with weights_only)
+    from util.checkpoint import load_checkpoint_file
+
+    ckpt = load_checkpoint_file(str(path))
+    for key in ('time', 'experiment_name'):
+        ckpt['meta'].pop(key)
+    hub = ckpt['message_hub']
+    for key in ('eta', 'experiment_name'):
+        hub['runtime_info'].pop(key)
+        hub['resumed_keys'].pop(key)
+    hub['log_scalars'] = {key: buffer.data for key, buffer in hub['log_scalars'].items()
+                          if key.rsplit('/', 1)[-1] not in TIMED_FIELDS}
+    return ckpt
+
+
+def _untimed_log(path):
+    text = TIMED_VALUE.sub(r'\1: -', LOG_PREFIX.sub('', path.read_text()))
+    return TIMESTAMP.sub('<timestamp>', text)
+
+
+def _untimed_json_lines(path):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMED_FIELDS}
+            for line in path.read_text().splitlines()]
+
+
+def _tensorboard_scalars(path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(path))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()['scalars'] if tag.rsplit('/', 1)[-1] not in TIMED_FIELDS}
+
+
+def _run_files(folder):
+    """relative path (timestamps and TensorBoard's host/pid suffix replaced) -> file."""
+    files = {}
+    for path in sorted(folder.rglob('*')):
+        if path.is_file():
+            name = TIMESTAMP.sub('<timestamp>', str(path.relative_to(folder)))
+            files[re.sub(r'events\.out\.tfevents\..*', 'events.out.tfevents', name)] = path
+    return files
+
+
+def _assert_same_run(first, second):
+    """Every file of two runs: equal apart from the time fields above; returns the names."""
+    files, other = _run_files(first), _run_files(second)
+    assert list(files) == list(other)
+    for name, path in files.items():
+        if name.endswith('.pth'):
+            _same(_untimed_checkpoint(path), _untimed_checkpoint(other[name]), name)
+        elif name.endswith('.log'):
+            assert _untimed_log(path) == _untimed_log(other[name]), name
+        elif name.endswith('/scalars.json') or name.endswith('/<timestamp>.json'):
+            _same(_untimed_json_lines(path), _untimed_json_lines(other[name]), name)
+        elif name.endswith('events.out.tfevents'):
+            _same(_tensorboard_scalars(path), _tensorboard_scalars(other[name]), name)
+        else:  # metrics JSON, config dumps, last_checkpoint
+            assert path.read_bytes() == other[name].read_bytes(), name
+    return list(files)
+
+
+def test_the_same_command_twice_gives_the_same_checkpoints_logs_and_metrics(workspace, tmp_path):
+    """tools/train.py (4 iterations, validation every 2, two data workers) then tools/test.py,
+    run twice with the same seed in the same work dir, compared file by file. Before, the configs
+    set no seed: mmengine drew a new one per run, and no two runs gave the same weights."""
+    work_dir = tmp_path / 'run'
+
+    def run_then_test():
+        _train(workspace, 'tiny_convvit.py', work_dir, f'model.pretrained={workspace / "dconvmae.pth"}',
+               'train_cfg.max_iters=4', 'train_dataloader.num_workers=2',
+               'train_dataloader.persistent_workers=True', '--seed', '5')
+        _test(workspace, 'tiny_convvit.py', work_dir / 'iter_4.pth', work_dir / 'test')
+
+    run_then_test()
+    first = work_dir.rename(tmp_path / 'first')
+    run_then_test()
+    names = _assert_same_run(first, work_dir)
+    assert any(re.fullmatch(r'best_mDice_iter_[24]\.pth', name) for name in names)
+    assert {'iter_4.pth', 'per_image_metrics_val.json',
+            'test/per_image_metrics.json', '<timestamp>/<timestamp>.log',
+            '<timestamp>/vis_data/scalars.json', '<timestamp>/vis_data/events.out.tfevents',
+            'test/<timestamp>/<timestamp>.log', 'test/<timestamp>/<timestamp>.json'} <= set(names)
+    checkpoint = _untimed_checkpoint(work_dir / 'iter_4.pth')
+    assert checkpoint['meta']['seed'] == 5 and checkpoint['meta']['iter'] == 4
+
+
+def test_deterministic_flag_sets_every_switch_and_a_resume_keeps_them(workspace, tmp_path, monkeypatch):
+    """--deterministic: CUBLAS_WORKSPACE_CONFIG before CUDA starts, cuDNN deterministic without
+    benchmark, deterministic algorithms where they exist; UPerNet's backward on CUDA has ops without
+    one (adaptive average pooling, bilinear up-sampling), which warn instead of stopping the run,
+    also after a resume re-seeds (mmengine re-applies its strict setting then)."""
+    monkeypatch.delenv('CUBLAS_WORKSPACE_CONFIG', raising=False)
+    main = _in_process('train')
+    launch = sys.modules['mmseg_custom.launch']
+    seen = {}
+
+    def train(runner):
+        seen['seed'] = runner.seed
+        runner.set_randomness(7, deterministic=True)  # what mmengine's resume does on another seed
+        seen.update(
+            cublas=os.environ.get('CUBLAS_WORKSPACE_CONFIG'),
+            algorithms=torch.are_deterministic_algorithms_enabled(),
+            warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
+            cudnn=(torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark),
+            env_benchmark=runner.cfg.env_cfg.cudnn_benchmark)
+
+    monkeypatch.setattr(launch.SegRunner, 'train', train)
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        main([str(workspace / 'tiny_convvit.py'), '--work-dir', str(tmp_path / 'run'), '--launcher',
+              'none', '--deterministic', '--seed', '3', '--options', f'data_root={workspace / "data"}'])
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, benchmark
+    assert seen == dict(cublas=':4096:8', seed=3, algorithms=True, warn_only=True,
+                        cudnn=(True, False), env_benchmark=False)

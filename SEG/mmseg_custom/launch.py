@@ -11,6 +11,8 @@ the command line and to the machine.
   deletes a replaced checkpoint only after the new one is complete and never outside the work
   dir), and a checkpoint to load or resume is checked against the segmentor
   (``mmseg_custom/checkpoints.py``).
+* Repeatable runs: the configs fix ``randomness.seed`` (0); ``randomness.deterministic=True``
+  (train.py ``--deterministic``) also selects deterministic algorithms (``use_determinism``).
 * Without a GPU the same config runs: AmpOptimWrapper (which asserts a GPU) becomes OptimWrapper,
   SyncBN becomes BN, distributed runs use gloo and an unpinned DDP wrapper. On a GPU without
   bf16 support, bf16 autocast becomes fp16 with loss scaling.
@@ -192,15 +194,45 @@ def use_checkpoint_safeguards(cfg: Config) -> None:
             dict(type='SegmentorCheckpointCheckHook', checkpoint=cfg.load_from)]
 
 
+CUBLAS_WORKSPACE = ':4096:8'  # a fixed cuBLAS workspace: what deterministic GEMMs on CUDA need
+
+
+def use_determinism(cfg: Config) -> List[str]:
+    """With ``randomness.deterministic``: the settings that must precede CUDA's initialisation
+    (``CUBLAS_WORKSPACE_CONFIG``) and cuDNN autotuning off in the config (mmengine would turn it
+    on from ``env_cfg`` and off again with a warning). The rest is ``SegRunner.set_randomness``."""
+    if not cfg.get('randomness', {}).get('deterministic'):
+        return []
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', CUBLAS_WORKSPACE)
+    cfg.env_cfg = dict(cfg.get('env_cfg', {}), cudnn_benchmark=False)
+    return ['deterministic: torch.use_deterministic_algorithms(True, warn_only=True), cuDNN '
+            'deterministic, cuDNN benchmark off, CUBLAS_WORKSPACE_CONFIG='
+            f'{os.environ["CUBLAS_WORKSPACE_CONFIG"]}']
+
+
+class SegRunner(Runner):
+    """mmengine's Runner; ``randomness.deterministic`` makes the operations that have no
+    deterministic implementation warn instead of stopping the run. On CUDA, UPerNet's backward
+    passes through some (adaptive average pooling, bilinear up-sampling) and its loss through
+    ``nll_loss2d``; mmengine's plain ``torch.use_deterministic_algorithms(True)`` raised there."""
+
+    def set_randomness(self, seed, diff_rank_seed: bool = False,
+                       deterministic: bool = False) -> None:
+        super().set_randomness(seed, diff_rank_seed=diff_rank_seed, deterministic=deterministic)
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def build_runner(cfg: Config, notes: Sequence[str] = ()) -> Runner:
     """The mmengine Runner for ``cfg`` fitted to this machine; what was changed for the machine
     (and ``notes``) is logged through the runner's logger (which exists only once the runner
     does)."""
-    changes = adapt_to_machine(cfg)
+    changes = use_determinism(cfg)  # first: before anything initialises CUDA
+    changes += adapt_to_machine(cfg)
     set_metric_output(cfg, cfg.work_dir)
     use_checkpoint_safeguards(cfg)
     init_distributed_without_gpu(cfg)
-    runner = Runner.from_cfg(cfg)
+    runner = SegRunner.from_cfg(cfg)
     for line in [*changes, *notes]:
         print_log(line, logger='current')
     return runner
