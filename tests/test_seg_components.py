@@ -608,6 +608,28 @@ def test_cpu_fallbacks_replace_amp_and_syncbn():
     assert len(changes) == 3
 
 
+@pytest.mark.parametrize('cores,processes,expected', [(16, '1', 4), (2, '1', 2), (8, '4', 2), (2, '4', 0)])
+def test_data_workers_are_lowered_to_the_cores_of_each_process(cores, processes, expected,
+                                                               monkeypatch):
+    """The published configs ask for 4 workers per loader and process: more than a 2-core machine
+    (or a node's share per GPU process) has."""
+    from mmseg_custom import launch
+
+    monkeypatch.setattr(launch.os, 'sched_getaffinity', lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', processes)
+    cfg = Config.fromfile(DE_CONVMAE_TN3K)
+    changes = launch.fit_workers_to_machine(cfg)
+    keys = ('train_dataloader', 'val_dataloader', 'test_dataloader')
+    assert [cfg[key].num_workers for key in keys] == [expected] * 3
+    assert [cfg[key].persistent_workers for key in keys] == [expected > 0] * 3
+    if expected == 4:
+        assert changes == []
+    else:
+        per = f' shared by {processes} processes on this node' if processes != '1' else ''
+        assert changes == [f'{key}: num_workers 4 -> {expected} ({cores} CPU cores available{per})'
+                           for key in keys]
+
+
 # ------------------------------------------------------------------ TN3K conversion
 def test_prepare_tn3k_splits_by_numeric_order_and_binarises_jpeg_masks(tmp_path):
     import importlib.util

@@ -580,17 +580,23 @@ def test_the_same_command_twice_gives_the_same_checkpoints_logs_and_metrics(work
     assert checkpoint['meta']['seed'] == 5 and checkpoint['meta']['iter'] == 4
 
 
+def _runner_built_by_train_py(workspace, work_dir, monkeypatch, *args, inspect):
+    """tools/train.py in this process up to its runner (``inspect(runner)`` instead of training)."""
+    main = _in_process('train')
+    monkeypatch.setattr(sys.modules['mmseg_custom.launch'].SegRunner, 'train', inspect)
+    main([str(workspace / 'tiny_convvit.py'), '--work-dir', str(work_dir), '--launcher', 'none',
+          *args, '--options', f'data_root={workspace / "data"}'])
+
+
 def test_deterministic_flag_sets_every_switch_and_a_resume_keeps_them(workspace, tmp_path, monkeypatch):
     """--deterministic: CUBLAS_WORKSPACE_CONFIG before CUDA starts, cuDNN deterministic without
     benchmark, deterministic algorithms where they exist; UPerNet's backward on CUDA has ops without
     one (adaptive average pooling, bilinear up-sampling), which warn instead of stopping the run,
     also after a resume re-seeds (mmengine re-applies its strict setting then)."""
     monkeypatch.delenv('CUBLAS_WORKSPACE_CONFIG', raising=False)
-    main = _in_process('train')
-    launch = sys.modules['mmseg_custom.launch']
     seen = {}
 
-    def train(runner):
+    def inspect(runner):
         seen['seed'] = runner.seed
         runner.set_randomness(7, deterministic=True)  # what mmengine's resume does on another seed
         seen.update(
@@ -600,13 +606,27 @@ def test_deterministic_flag_sets_every_switch_and_a_resume_keeps_them(workspace,
             cudnn=(torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark),
             env_benchmark=runner.cfg.env_cfg.cudnn_benchmark)
 
-    monkeypatch.setattr(launch.SegRunner, 'train', train)
     benchmark = torch.backends.cudnn.benchmark
     try:
-        main([str(workspace / 'tiny_convvit.py'), '--work-dir', str(tmp_path / 'run'), '--launcher',
-              'none', '--deterministic', '--seed', '3', '--options', f'data_root={workspace / "data"}'])
+        _runner_built_by_train_py(workspace, tmp_path / 'run', monkeypatch, '--deterministic',
+                                  '--seed', '3', inspect=inspect)
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, benchmark
     assert seen == dict(cublas=':4096:8', seed=3, algorithms=True, warn_only=True,
                         cudnn=(True, False), env_benchmark=False)
+
+
+def test_train_py_lowers_data_workers_to_the_cores_and_logs_it(workspace, tmp_path, monkeypatch):
+    _in_process('train')  # puts SEG/ on sys.path
+    from mmseg_custom.launch import available_cores
+
+    for variable in ('LOCAL_WORLD_SIZE', 'OMPI_COMM_WORLD_LOCAL_SIZE'):
+        monkeypatch.delenv(variable, raising=False)
+    cores, seen = available_cores(), []
+    _runner_built_by_train_py(
+        workspace, tmp_path / 'run', monkeypatch, '--options', f'train_dataloader.num_workers={cores + 3}',
+        inspect=lambda runner: seen.append(runner.cfg.train_dataloader.num_workers))
+    assert seen == [cores]
+    log = max((tmp_path / 'run').glob('*/*.log')).read_text()
+    assert f'train_dataloader: num_workers {cores + 3} -> {cores} ({cores} CPU cores available)' in log
