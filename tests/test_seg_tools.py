@@ -443,6 +443,8 @@ def test_kill_inside_checkpoint_writes_leaves_a_complete_checkpoint_and_resume_c
     half_written = _killed_inside_the_write_of('iter_4.pth', args, tmp_path)
     assert os.path.basename(half_written).startswith('.iter_4.pth.')  # a hidden temporary file
     assert _checkpoints_on_disk(work_dir) == {'iter_2.pth', 'best_mDice_iter_2.pth'}
+    # not yet replaced (it still names the copied run's file, which --resume maps into this dir)
+    assert (work_dir / 'last_checkpoint').read_text() == str(convvit_run[0] / 'iter_2.pth')
 
     half_written = _killed_inside_the_write_of('best_mDice_iter_4.pth', args, tmp_path)
     assert os.path.basename(half_written).startswith('.best_mDice_iter_4.pth.')
