@@ -253,7 +253,8 @@ def own_checkpoint(path: str, out_dir: str, log=print) -> Optional[str]:
 class WorkDirCheckpointHook(CheckpointHook):
     """mmengine's ``CheckpointHook`` that replaces (deletes) a previous best checkpoint only inside
     its own folder. A resumed run inherits the best checkpoint's absolute path from the checkpoint
-    it resumed; a path elsewhere becomes the file of the same name here, or nothing."""
+    it resumed; a path elsewhere becomes the file of the same name here, or nothing. Checkpoints
+    it replaces are deleted only once their successor is complete (see the module's notes)."""
 
     def before_train(self, runner) -> None:
         super().before_train(runner)
