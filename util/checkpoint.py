@@ -183,12 +183,16 @@ def load_auto_resume_checkpoint(path: str) -> dict:
         raise CheckpointError(f"{str(err).removesuffix(' Copy or download it again.')} {advice}") from None
 
 
-def save_checkpoint(obj: dict, path: Union[str, os.PathLike]) -> None:
+RERUN_HINT = "(or pass a writable --output_dir) and re-run the same command with --auto_resume"
+
+
+def save_checkpoint(obj: dict, path: Union[str, os.PathLike], rerun_hint: str = RERUN_HINT) -> None:
     """Write atomically: a crash mid-write leaves the previous file intact, never a partial one.
 
     A failed write (disk full, quota, read-only or vanished folder) is a CheckpointError naming the
     file: torch.save reports a full disk as a bare ``RuntimeError: [enforce fail at
-    inline_container.cc] unexpected pos ...``, which tells a user nothing.
+    inline_container.cc] unexpected pos ...``, which tells a user nothing. ``rerun_hint``: how to
+    continue, in the words of the calling tool's flags.
     """
     try:
         atomic_save(obj, path)
@@ -202,7 +206,7 @@ def save_checkpoint(obj: dict, path: Union[str, os.PathLike]) -> None:
         raise CheckpointError(
             f"could not write {path} ({type(err).__name__}: {detail}; {free}). The disk is probably full "
             f"or the folder read-only; the previous {os.path.basename(path)}, if any, is intact. Free space "
-            f"(or pass a writable --output_dir) and re-run the same command with --auto_resume.") from err
+            f"{rerun_hint}.") from err
 
 
 def extract_state_dict(ckpt: Mapping, source: str = "checkpoint") -> Dict[str, torch.Tensor]:
