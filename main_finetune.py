@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+import models_vit  # noqa: F401  (registers the fine-tuning models)
 from util import distributed as du
 from util.blur import add_blur_arguments, blur_spec_from_args
 from util.checkpoint import (FIRST_CONV_KEYS, CheckpointError, extract_state_dict, load_auto_resume_checkpoint,

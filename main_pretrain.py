@@ -18,6 +18,7 @@ import warnings
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+import models_convmae  # noqa: F401  (registers the pretraining models; it imports models_mae)
 from models_mae import LOSS_REGIONS, is_deblurring_model
 from util import distributed as du
 from util.blur import add_blur_arguments, blur_spec_from_args

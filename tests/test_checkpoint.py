@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from util.checkpoint import CheckpointError, load_checkpoint_file, load_weights, save_checkpoint
+import models_convmae  # noqa: F401  (registers the models; it imports models_mae and models_vit)
 from util.registry import finetune_models, pretrain_models
 
 

@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import models_convmae  # noqa: E402,F401  (registers the pretraining models)
 from models_mae import is_deblurring_model  # noqa: E402
 from util.blur import add_blur_arguments, blur_spec_from_args  # noqa: E402
 from util.checkpoint import CheckpointError, load_checkpoint_file, load_weights  # noqa: E402
