@@ -380,13 +380,12 @@ def evaluate(model, loader, args, norm):
     gen = torch.Generator().manual_seed(args.seed)
     total = torch.zeros(2, device=args.device)
     dtype = amp_dtype(args)
-    raw = getattr(model, "module", model)
     for inputs, targets, _ in loader:
         inputs = norm(inputs)
         targets = norm(targets) if targets is not None else None
-        noise = torch.rand(inputs.shape[0], raw.num_patches, generator=gen).to(args.device)
+        noise = torch.rand(inputs.shape[0], model.num_patches, generator=gen).to(args.device)
         with torch.autocast(device_type=args.device.split(":")[0], dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, _, _ = raw(inputs, targets, mask_ratio=args.mask_ratio, noise=noise)
+            loss, _, _ = model(inputs, targets, mask_ratio=args.mask_ratio, noise=noise)
         total += torch.stack([loss.float() * inputs.shape[0], torch.tensor(float(inputs.shape[0]), device=args.device)])
     du.all_reduce_sum(total)
     loss_sum, count = total.tolist()
@@ -397,10 +396,9 @@ def write_figure(model, dataset, norm, epoch, args, writer):
     pixels, target_pixels, _ = collate_skip_bad([dataset[i] for i in range(min(4, len(dataset)))])
     inputs = norm(pixels)
     targets = norm(target_pixels) if target_pixels is not None else inputs
-    raw = getattr(model, "module", model)
-    noise = torch.rand(len(inputs), raw.num_patches, generator=torch.Generator().manual_seed(args.seed))
-    raw.eval()
-    panels = reconstruction_panels(raw, inputs, targets, norm.mean, norm.std, args.mask_ratio,
+    noise = torch.rand(len(inputs), model.num_patches, generator=torch.Generator().manual_seed(args.seed))
+    model.eval()
+    panels = reconstruction_panels(model, inputs, targets, norm.mean, norm.std, args.mask_ratio,
                                    noise.to(args.device))
     grid = panels_to_grid(panels)
     path = os.path.join(args.output_dir, f"reconstruction-{epoch}.png")
@@ -411,7 +409,7 @@ def write_figure(model, dataset, norm, epoch, args, writer):
 
 def compiled(model, args):
     """``torch.compile`` when asked, or by default on CUDA. Measured on the H200 for the published
-    models (../shared/PERFORMANCE.md): +38 % img/s for Deblurring MAE-B, +43 % for Deblurring
+    models (the anchors in docs/performance.md): +38 % img/s for Deblurring MAE-B, +43 % for Deblurring
     ConvMAE-B. When compiling was not asked for explicitly, a compiler failure (e.g. no C compiler
     for Triton) falls back to eager execution with a warning instead of stopping the run."""
     if args.compile is None:

@@ -137,3 +137,17 @@ def test_callers_of_a_registry_import_the_models_that_fill_it(accessor):
     assert "main_pretrain" in callers or "main_finetune" in callers
     missing = {m: sorted(REGISTERED_BY[accessor] - closure(graph, m)) for m in callers}
     assert {m: names for m, names in missing.items() if names} == {}
+
+
+def test_code_and_docs_point_at_nothing_outside_the_repository():
+    outside = ("../shared", "/work/shared")
+    found = []
+    for dirpath, dirnames, files in os.walk(ROOT):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
+        for name in files:
+            if name.endswith((".py", ".md", ".sh", ".txt", ".cfg", ".toml")) or name == "Makefile":
+                path = os.path.join(dirpath, name)
+                text = open(path, encoding="utf-8", errors="replace").read()
+                if os.path.abspath(path) != os.path.abspath(__file__):
+                    found += [f"{os.path.relpath(path, ROOT)}: {o}" for o in outside if o in text]
+    assert found == []

@@ -44,6 +44,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.layers import to_2tuple
 from torch.utils.data import Dataset, Sampler
 
 from util.blur import BlurSpec, blur_key
@@ -282,7 +283,7 @@ class PretrainDataset(Dataset):
             raise ValueError("use either a blurred copy (orig_root) or on-the-fly blur, not both")
         if keep_channels and in_chans == 1:
             raise ValueError("keep_channels keeps colour, which a 1-channel model cannot take; use in_chans=3")
-        self.size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        self.size = to_2tuple(input_size)
         self.in_chans, self.train, self.strict, self.blur = in_chans, train, strict, blur
         self.keep_channels, self.seed = keep_channels, seed
         index_root = orig_root or root
@@ -438,7 +439,7 @@ class SeededSampler(Sampler):
 def limit_worker_threads(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: one OpenCV thread per worker. Each worker is already one of
     many parallel decoders; OpenCV's own pool inside each of them only oversubscribes the cores
-    (suspected cause of the low per-worker rate in ../shared/PERFORMANCE.md)."""
+    (suspected cause of the low per-worker rate of the published pipeline, docs/performance.md)."""
     import cv2
     cv2.setNumThreads(1)
 
