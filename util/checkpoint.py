@@ -26,7 +26,6 @@ import os
 import pickle
 import re
 import shutil
-import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
