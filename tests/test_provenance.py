@@ -243,3 +243,32 @@ def test_a_settings_file_of_something_else_above_the_data_is_passed_over(tmp_pat
     (tmp_path / "data" / "blur.json").write_text("{not json")
     with pytest.raises(DatasetError, match="data/blur.json: not a readable settings file of blurred_images.py"):
         read_blur_settings(str(tmp_path / "data"))
+
+
+def test_the_recorded_colour_decision_is_applied_when_the_model_takes_colour():
+    from util.provenance import resolve_colour
+    args = argparse.Namespace(keep_channels=False, in_chans=3)
+    resolve_colour(args, {"keep_channels": True}, "c.pth")
+    assert args.keep_channels is True
+    grey_model = argparse.Namespace(keep_channels=False, in_chans=1)
+    resolve_colour(grey_model, {"keep_channels": True}, "c.pth")
+    assert grey_model.keep_channels is False
+    with pytest.warns(UserWarning, match="c.pth was trained on grey inputs"):
+        resolve_colour(argparse.Namespace(keep_channels=True, in_chans=3), {"keep_channels": False}, "c.pth")
+
+
+def test_pretraining_records_what_it_knows_of_its_inputs(pretrain_data, tmp_path):
+    copy = tmp_path / "copy"
+    blur_copy(pretrain_data, copy, "--method", "mean", "--kernel_size", "3")
+    args = argparse.Namespace()
+    with pytest.raises(SystemExit, match="already a blurred copy.*blurred twice"):
+        main_pretrain.record_input_blur(args, str(copy), None, BlurSpec())
+    main_pretrain.record_input_blur(args, str(pretrain_data), None, BlurSpec(sigma=0.8))
+    assert args.input_blur == {"method": "gaussian", "sigma": 0.8, "applied": "on the fly"}
+    main_pretrain.record_input_blur(args, str(pretrain_data), None, None)  # vanilla on the originals
+    assert args.input_blur is None
+    old_copy = tmp_path / "old_copy"  # made before blur.json existed
+    old_copy.mkdir()
+    main_pretrain.record_input_blur(args, str(old_copy), str(pretrain_data), None)
+    assert args.input_blur["method"] == "unknown"
+    assert recorded_input_blur({"input_blur": args.input_blur}, deblurring=True).spec == PUBLISHED_BLUR
