@@ -53,8 +53,8 @@ from util.fileio import check_writable
 from util.knn import knn_class_probabilities
 from util.lars import LARS
 from util.lr_sched import effective_lr
-from util.provenance import recorded_args
 from util.metrics import evaluate_and_write, format_results_table, gather_unique_predictions, resolve_pos_class
+from util.provenance import recorded_args
 from util.training import StopTraining, append_log, install_sigterm_handler, run_cli
 
 PROBE_HEAD_KEYS = ("head.0.running_mean", "head.0.running_var", "head.1.weight", "head.1.bias")

@@ -30,7 +30,7 @@ from util.fileio import check_writable
 from util.lr_decay import param_groups
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.provenance import (ON_THE_FLY, PUBLISHED_BLUR, data_blur, describe_blur_record, input_blur_record,
-                             recorded_args, same_blur_record, unknown_blur_record)
+                             recorded_args, same_blur_record, size_hw, unknown_blur_record)
 from util.registry import pretrain_models
 from util.training import (NonFiniteGuard, StopTraining, accumulate_backward, amp_dtype, append_log,
                             check_log_not_linked, epoch_seed, install_sigterm_handler, invalid_training_flags,
@@ -357,7 +357,9 @@ def warn_on_changed_inputs(args, recorded: dict, path: str) -> None:
     if "input_blur" in recorded and not same_blur_record(recorded["input_blur"], args.input_blur):
         changes.append(f"input blur {describe_blur_record(recorded['input_blur'])} -> "
                        f"{describe_blur_record(args.input_blur)}")
-    for name in ("input_size", "in_chans", "keep_channels"):
+    if "input_size" in recorded and size_hw(recorded["input_size"]) != input_hw(args):
+        changes.append(f"input size {size_hw(recorded['input_size'])} -> {input_hw(args)}")
+    for name in ("in_chans", "keep_channels"):
         if name in recorded and recorded[name] != getattr(args, name):
             changes.append(f"{name} {recorded[name]} -> {getattr(args, name)}")
     if changes:

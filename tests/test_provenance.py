@@ -272,3 +272,14 @@ def test_pretraining_records_what_it_knows_of_its_inputs(pretrain_data, tmp_path
     main_pretrain.record_input_blur(args, str(old_copy), str(pretrain_data), None)
     assert args.input_blur["method"] == "unknown"
     assert recorded_input_blur({"input_blur": args.input_blur}, deblurring=True).spec == PUBLISHED_BLUR
+
+
+def test_resume_compares_sizes_however_they_were_written():
+    import warnings
+    args = argparse.Namespace(input_blur=None, input_size=[224], in_chans=3, keep_channels=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the published checkpoints write 224, ours [224]
+        main_pretrain.warn_on_changed_inputs(args, {"input_size": 224, "input_blur": None}, "c.pth")
+    with pytest.warns(UserWarning, match=r"input size \(224, 224\) -> \(256, 192\)"):
+        main_pretrain.warn_on_changed_inputs(argparse.Namespace(**{**vars(args), "input_size": [256, 192]}),
+                                             {"input_size": [224]}, "c.pth")

@@ -22,13 +22,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models_convmae  # noqa: E402,F401  (registers the pretraining models)
 from models_mae import is_deblurring_model  # noqa: E402
-from timm.layers import to_2tuple  # noqa: E402
 from util.blur import add_blur_arguments, blur_spec_from_args  # noqa: E402
 from util.checkpoint import CheckpointError, load_checkpoint_file, load_weights  # noqa: E402
 from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, DatasetError, PixelNormaliser, center_box,  # noqa: E402
                            model_channels, resize_box, stack_pixels)
 from util.image_io import UnreadableImageError, read_image, to_grey  # noqa: E402
-from util.provenance import read_blur_settings, recorded_args, recorded_input_blur, resolve_input_blur  # noqa: E402
+from util.provenance import (read_blur_settings, recorded_args, recorded_input_blur,  # noqa: E402
+                             resolve_input_blur, size_hw)
 from util.registry import pretrain_models  # noqa: E402
 from util.visualize import panels_to_grid, reconstruction_panels, save_grid_png  # noqa: E402
 
@@ -48,13 +48,6 @@ def parse_args(argv=None):
                    help="the checkpoint was trained with norm_pix_loss (default: from the checkpoint)")
     add_blur_arguments(p, prefix="blur_", method_flag="--blur", default_method=None)
     return p.parse_args(argv)
-
-
-def image_size(value) -> tuple:
-    """A recorded or given input size (int, [S] or [H, W]) as (H, W)."""
-    if not isinstance(value, int) and len(value) == 1:
-        value = value[0]
-    return to_2tuple(value)
 
 
 def prepared_pair(path: str, blur, keep_channels: bool, in_chans: int, size, deblurring: bool):
@@ -85,7 +78,7 @@ def main(argv=None):
     name = args.model or saved.get("model")
     if not name:
         raise SystemExit(f"{args.checkpoint} does not record its model: pass --model")
-    size = image_size(args.input_size or saved.get("input_size") or 224)
+    size = size_hw(args.input_size or saved.get("input_size") or 224)
     in_chans = args.in_chans or saved.get("in_chans") or 3
     keep_channels = bool(saved.get("keep_channels")) and in_chans == 3
     norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else bool(saved.get("norm_pix_loss"))

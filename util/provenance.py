@@ -27,6 +27,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+from timm.layers import to_2tuple
+
 from util.blur import BLUR_SETTINGS_FILE, NO_BLUR, BlurSpec
 from util.image_io import DatasetError
 from util.fileio import atomic_write_text
@@ -124,6 +126,13 @@ def recorded_args(ckpt) -> dict:
     if isinstance(saved, argparse.Namespace):
         return vars(saved)
     return dict(saved) if isinstance(saved, dict) else {}
+
+
+def size_hw(size) -> tuple:
+    """An input size as scripts record it (an int, [S] or [H, W]) as (H, W)."""
+    if not isinstance(size, int) and len(size) == 1:
+        size = size[0]
+    return to_2tuple(size)
 
 
 def input_blur_record(spec: Optional[BlurSpec], applied: str) -> Optional[dict]:
