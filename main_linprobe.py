@@ -38,11 +38,11 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from torch.utils.data import DistributedSampler
 
-from main_finetune import (SELECT_METRICS, autocast, build_datasets, build_model, check_split_folders,
-                           describe_data, input_hw, is_improvement, load_finetuned, load_pretrained, make_loader,
-                           normalisation, recorded_args, resolve_model_inputs, restore_training_state, resume_path,
-                           save_best, save_last, seed_everything, start_epoch_data, train_one_epoch,
-                           validation_log, warn_on_blur_change)
+from main_finetune import (SELECT_METRICS, apply_recorded_inputs, autocast, build_datasets, build_model,
+                           check_split_folders, describe_data, input_hw, is_improvement, load_finetuned,
+                           load_pretrained, make_loader, normalisation, resolve_model_inputs, restore_training_state,
+                           resume_path, save_best, save_last, seed_everything, start_epoch_data, train_one_epoch,
+                           validation_log)
 from models_vit import ConvViT
 from util import distributed as du
 from util.blur import add_blur_arguments
@@ -54,6 +54,7 @@ from util.knn import knn_class_probabilities
 from util.lars import LARS
 from util.lr_sched import effective_lr
 from util.metrics import evaluate_and_write, format_results_table, gather_unique_predictions, resolve_pos_class
+from util.provenance import recorded_args
 from util.training import NonFiniteGuard, StopTraining, append_log, install_sigterm_handler, run_cli
 
 PROBE_HEAD_KEYS = ("head.0.running_mean", "head.0.running_var", "head.1.weight", "head.1.bias")
@@ -349,8 +350,7 @@ def prepare(args):
     resolve_model_inputs(args, resume_ckpt or finetune_ckpt, recorded)
     if args.global_pool is None:
         args.global_pool = bool(recorded.get("global_pool", False)) if resume_ckpt is not None else False
-    if resume_ckpt is not None:
-        warn_on_blur_change(args, recorded)
+    apply_recorded_inputs(args, recorded)
     found = find_class_names(args.data_path, SPLITS)
     class_names = resolve_class_names(found, recorded.get("class_names") if resume_ckpt else None,
                                       args.nb_classes, args.data_path)

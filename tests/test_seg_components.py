@@ -22,6 +22,7 @@ from mmseg_custom.layer_decay import LayerDecayOptimWrapperConstructor  # noqa: 
 from mmseg_custom.nodule_metric import dice_score, hd95, iou_score, nodule_scores  # noqa: E402
 from mmseg_custom.us_dataset import MaskFormatError, UltrasoundNoduleDataset  # noqa: E402
 from util.pos_embed import resample_pos_embed  # noqa: E402
+import models_convmae  # noqa: E402,F401  (registers the pretraining models)
 from util.registry import pretrain_models  # noqa: E402
 
 register_all_modules()  # mmseg's types, and 'mmseg' as the default scope (as the Runner does)

@@ -98,6 +98,7 @@ def _write_dataset(root):
 
 @pytest.fixture(scope='module')
 def workspace(tmp_path_factory):
+    import models_convmae  # noqa: F401  (registers the pretraining models)
     from util.registry import pretrain_models
 
     base = tmp_path_factory.mktemp('seg_tools')

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import models_convmae  # noqa: E402,F401  (registers the pretraining models)
 from util.blur import add_blur_arguments, blur_spec_from_args  # noqa: E402
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD, PixelNormaliser, PretrainDataset  # noqa: E402
 from util.fileio import atomic_write_text  # noqa: E402

@@ -26,6 +26,15 @@ import numpy as np
 from scipy import ndimage
 
 METHODS = ("gaussian", "mean", "median", "motion", "defocus", "srad")
+# The settings each method uses: what a checkpoint or a blurred copy records, and what two blurs are
+# compared on (an unused kernel_size does not make two Gaussian blurs differ).
+PARAMETERS = {"gaussian": ("sigma",), "mean": ("kernel_size",), "median": ("kernel_size",),
+              "motion": ("kernel_size", "seed"), "defocus": ("kernel_size",),
+              "srad": ("srad_iterations", "srad_time_step")}
+# ``--blur none`` in the training scripts and tools: no blur, whatever a checkpoint recorded.
+NO_BLUR = "none"
+# The settings file blurred_images.py writes at the top of a blurred copy (util/provenance.py).
+BLUR_SETTINGS_FILE = "blur.json"
 SUPPORTED_DTYPES = (np.uint8, np.uint16, np.float32)
 
 # SRAD defaults: the explicit scheme is stable for time steps up to 1 (see _srad_step). 20 steps of
@@ -69,6 +78,18 @@ class BlurSpec:
             raise ValueError(f"SRAD time step must be in (0, 1] for a stable diffusion, got {self.srad_time_step}")
         if self.seed < 0:
             raise ValueError(f"blur seed must be >= 0, got {self.seed}")
+
+    def settings(self) -> dict:
+        """The method and the settings it uses, as plain values (JSON, checkpoints)."""
+        return {"method": self.method, **{name: getattr(self, name) for name in PARAMETERS[self.method]}}
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> "BlurSpec":
+        """The inverse of :meth:`settings`; other keys are ignored, missing settings take the defaults."""
+        method = settings.get("method")
+        if method not in METHODS:
+            raise ValueError(f"unknown blur method {method!r}; choose one of {', '.join(METHODS)}")
+        return cls(method=method, **{name: settings[name] for name in PARAMETERS[method] if name in settings})
 
     def describe(self) -> str:
         """Short human-readable form naming only the settings the method uses."""
@@ -236,8 +257,11 @@ def add_blur_arguments(parser: argparse.ArgumentParser, prefix: str = "", method
     Read them back with :func:`blur_spec_from_args` and the same ``prefix``.
     """
     group = parser.add_argument_group("blur")
-    off = "" if default_method else " (default: no blur)"
-    group.add_argument(method_flag, dest=f"{prefix}method", default=default_method, choices=METHODS,
+    off = "" if default_method else (" (default: no blur; fine-tuning, linear probing and the reconstruction tool "
+                                     "apply the blur their checkpoint records, and "
+                                     f"'{NO_BLUR}' turns that off)")
+    choices = METHODS if default_method else METHODS + (NO_BLUR,)
+    group.add_argument(method_flag, dest=f"{prefix}method", default=default_method, choices=choices,
                        help=f"blur method{off}")
     group.add_argument(f"--{prefix}sigma", type=float, default=1.1,
                        help="gaussian: standard deviation in pixels; kernel size follows from it (default: 1.1)")
@@ -255,7 +279,7 @@ def add_blur_arguments(parser: argparse.ArgumentParser, prefix: str = "", method
 def blur_spec_from_args(args: argparse.Namespace, prefix: str = "") -> BlurSpec | None:
     """The BlurSpec the options added by :func:`add_blur_arguments` describe; None when blur is off."""
     method = getattr(args, f"{prefix}method")
-    if method is None:
+    if method in (None, NO_BLUR):
         return None
     return BlurSpec(
         method=method,

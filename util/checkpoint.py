@@ -26,7 +26,6 @@ import os
 import pickle
 import re
 import shutil
-import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -261,7 +260,7 @@ def _grid_of(model: nn.Module):
     return tuple(grid)
 
 
-def _adapt_tensor(name, value, target: nn.Parameter, model, report, drop_prefixes):
+def _adapt_tensor(name, value, target: nn.Parameter, model, report, drop_prefixes, hint: str):
     """Return the tensor to load for ``name``, or None to leave the model's value."""
     if value.shape == target.shape:
         report.loaded.append(name)
@@ -286,15 +285,18 @@ def _adapt_tensor(name, value, target: nn.Parameter, model, report, drop_prefixe
         return None
     raise CheckpointError(f"{report.source}: '{name}' has shape {tuple(value.shape)} in the checkpoint "
                           f"but {tuple(target.shape)} in the model: the checkpoint is of another "
-                          f"architecture or size. Check --model (and --nb_classes / --input_size).")
+                          f"architecture or size; {hint}.")
 
 
 def load_weights(model: nn.Module, source: Union[str, os.PathLike, Mapping], *,
                  allowed_missing: Sequence[str] = (), allow_unexpected: bool = True,
-                 drop_mismatched: Iterable[str] = (), source_name: Optional[str] = None) -> LoadReport:
+                 drop_mismatched: Iterable[str] = (), source_name: Optional[str] = None,
+                 hint: str = "check --model (and --nb_classes / --input_size)") -> LoadReport:
     """Load ``source`` (a path, a checkpoint dict or a state dict) into ``model``.
 
     ``source_name``: how errors and the report name a dict ``source`` (the file it was read from).
+    ``hint``: what the error of a checkpoint of another architecture tells the user to check (the
+    setting that chose the model: ``--model`` for the scripts, a config key for the segmentation side).
 
     ``allowed_missing``: key prefixes that may be absent (e.g. ``('head.', 'fc_norm.')`` when
     fine-tuning from a pretraining checkpoint); any other missing key is an error.
@@ -317,15 +319,14 @@ def load_weights(model: nn.Module, source: Union[str, os.PathLike, Mapping], *,
     if bad_missing:
         raise CheckpointError(
             f"{name}: {len(bad_missing)} weights of the model are missing from the checkpoint "
-            f"(first: {', '.join(bad_missing[:6])}). It was made for another architecture; "
-            f"check --model.")
+            f"(first: {', '.join(bad_missing[:6])}). It was made for another architecture; {hint}.")
     if report.unexpected and not allow_unexpected:
         raise CheckpointError(f"{name}: unexpected weights {', '.join(report.unexpected[:6])}: the "
-                              "checkpoint is of another architecture; check --model.")
+                              f"checkpoint is of another architecture; {hint}.")
     to_load = {}
     for key, value in state.items():
         if key in targets:
-            new_value = _adapt_tensor(key, value, targets[key], model, report, drop_mismatched)
+            new_value = _adapt_tensor(key, value, targets[key], model, report, drop_mismatched, hint)
             if new_value is not None:
                 to_load[key] = new_value
     model.load_state_dict(to_load, strict=False)
