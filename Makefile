@@ -23,8 +23,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
-	@if [ -f tools/demo.py ]; then $(PY) tools/demo.py; \
-	else echo "make demo: the end-to-end demo is not there yet (it arrives with the demo issue)."; fi
+	$(PY) tools/demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -22,6 +22,12 @@ image behind. A file that cannot be read is reported by name and skipped; the ru
 and exits with status 1 if any file failed (2 for a usage error such as a destination inside the
 source tree).
 
+The settings of the run (method and the settings it uses, grey or colour, the source folder) are
+written to ``blur.json`` at the top of ``--dst_dir``: the training scripts read them, record them in
+their checkpoints and refuse to mix them up (util/provenance.py). A destination blurred with other
+settings is refused unless ``--overwrite`` redoes every image; until such a run finishes, ``blur.json``
+marks the copy as mixed.
+
 Originals are never written: before anything is written the run stops (status 2) if the destination
 contains the source, if an output folder resolves into a source folder (a link or mount), or if a file
 already carrying an output name is a link or hard link to a source image.
@@ -39,8 +45,9 @@ import cv2
 from tqdm import tqdm
 
 from util.blur import BlurSpec, add_blur_arguments, blur_key, blur_spec_from_args
-from util.image_io import (UnreadableImageError, blurred_copy_names, describe_not_images, image_frames,
+from util.image_io import (DatasetError, UnreadableImageError, blurred_copy_names, describe_not_images, image_frames,
                            is_dicom_file, read_frames, scan_images, to_grey, write_image_atomic)
+from util.provenance import DataBlur, read_blur_settings, write_blur_settings
 
 
 class UsageError(Exception):
@@ -138,6 +145,7 @@ def main(args: argparse.Namespace) -> Summary:
     """
     src_dir, dst_dir = _checked_dirs(args.src_dir, args.dst_dir)
     spec = blur_spec_from_args(args)
+    previous = _settings_of_destination(src_dir, dst_dir, spec, args)
     relative_paths, not_images = scan_images(src_dir, exclude=args.exclude)
     if not relative_paths:
         raise UsageError(f"no images found under {src_dir} (looked for .png .jpg .jpeg .bmp .tif .tiff .webp "
@@ -154,6 +162,9 @@ def main(args: argparse.Namespace) -> Summary:
              for rel in relative_paths if rel not in summary.failed]
     if not_images:
         print(describe_not_images(not_images, src_dir))
+    # written before any image: a copy is never without the settings its images were made with
+    mixed = previous is not None and (previous.pending or not _same_settings(previous, spec, args.keep_channels))
+    write_blur_settings(dst_dir, spec, args.keep_channels, src_dir, pending=mixed)
     print(f"Blurring {len(tasks)} files from {src_dir} into {dst_dir} with {spec.describe()} blur")
 
     with tqdm(total=len(tasks), unit="file", desc="blurring", dynamic_ncols=True) as progress:
@@ -162,11 +173,48 @@ def main(args: argparse.Namespace) -> Summary:
             if result.error is not None:
                 tqdm.write(f"FAILED {result.error}", file=sys.stderr)
             progress.update()
+    if mixed and not summary.failed:  # every image has now been made with these settings
+        write_blur_settings(dst_dir, spec, args.keep_channels, src_dir, pending=False)
     print(f"Done: {summary}.")
+    if previous is None and summary.skipped:
+        print(f"note: {summary.skipped} output(s) were already in {dst_dir} before it recorded its settings and were "
+              f"kept; if they were not blurred with {spec.describe()} ({_channels(args.keep_channels)}), run again "
+              "with --overwrite")
     if summary.failed:
         print(f"{len(summary.failed)} file(s) could not be blurred (reasons above): "
               + ", ".join(summary.failed[:10]) + (" ..." if len(summary.failed) > 10 else ""), file=sys.stderr)
     return summary
+
+
+def _channels(keep_channels: bool) -> str:
+    return "colour" if keep_channels else "grey"
+
+
+def _same_settings(previous: DataBlur, spec: BlurSpec, keep_channels: bool) -> bool:
+    return previous.spec.settings() == spec.settings() and previous.channels == _channels(keep_channels)
+
+
+def _settings_of_destination(src_dir: str, dst_dir: str, spec: BlurSpec, args) -> DataBlur | None:
+    """The settings ``dst_dir`` was blurred with so far (None for a new destination). Outputs that
+    exist are skipped, so another blur would leave a copy mixing two blurs: refused unless --overwrite."""
+    try:
+        if read_blur_settings(src_dir) is not None:
+            print(f"warning: {src_dir} is itself a blurred copy ({read_blur_settings(src_dir).path}): its images "
+                  "are blurred a second time", file=sys.stderr)
+        previous = read_blur_settings(dst_dir, search_parents=False)
+    except DatasetError as err:
+        raise UsageError(str(err)) from None
+    if previous is None or args.overwrite:
+        return previous
+    if not _same_settings(previous, spec, args.keep_channels):
+        raise UsageError(f"{dst_dir} holds images blurred with {previous.describe()} ({previous.path}); this run "
+                         f"asks for {spec.describe()}, {_channels(args.keep_channels)}. Images already there are kept, "
+                         "so the copy would mix two blurs. Choose another --dst_dir, or pass --overwrite to blur "
+                         "every image again with the new settings.")
+    if previous.pending:
+        raise UsageError(f"{dst_dir}: an earlier run with --overwrite and these settings did not finish "
+                         f"({previous.path}), so some images still have the old blur. Run again with --overwrite.")
+    return previous
 
 
 def _dicom_name_clashes(relative_paths: list[str], dicom: dict[str, bool]) -> dict[str, str]:

@@ -100,6 +100,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+import models_vit  # noqa: F401  (registers the fine-tuning models)
+from models_mae import is_deblurring_model
 from util import distributed as du
 from util.blur import blur_spec_from_args
 from util.checkpoint import (FIRST_CONV_KEYS, CheckpointError, extract_state_dict, load_auto_resume_checkpoint,
@@ -111,6 +113,7 @@ from util.lr_decay import param_groups
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.metrics import (METRIC_NAMES, choose_threshold, evaluate_and_write, evaluate_predictions,
                           format_results_table, gather_unique_predictions, resolve_pos_class)
+from util.provenance import recorded_args, recorded_input_blur, resolve_colour, resolve_input_blur
 from util.registry import finetune_models
 from util.training import (EpochMeter, NonFiniteGuard, RunProgress, StopTraining, accumulate_backward, amp_dtype,
                            append_log, autocast, device_type, epoch_seed, epoch_summary, grad_scaler,
@@ -119,16 +122,6 @@ from util.training import (EpochMeter, NonFiniteGuard, RunProgress, StopTraining
 
 
 # ------------------------------------------------------------------------------ checkpoints in
-def recorded_args(ckpt) -> dict:
-    """The settings a checkpoint recorded: our plain dict, or the published argparse.Namespace."""
-    if ckpt is None:
-        return {}
-    saved = ckpt.get("args")
-    if isinstance(saved, argparse.Namespace):
-        return vars(saved)
-    return dict(saved) if isinstance(saved, dict) else {}
-
-
 def first_layer_channels(state: dict):
     for key in FIRST_CONV_KEYS:
         if key in state and state[key].ndim == 4:
@@ -137,29 +130,37 @@ def first_layer_channels(state: dict):
 
 
 def resolve_model_inputs(args, source_ckpt, recorded: dict) -> None:
-    """Fill ``args.in_chans`` and ``args.input_size`` when not given: a fine-tuned checkpoint defines
-    them (a grey model must not silently get its first layer widened to 3 channels)."""
+    """Fill ``args.in_chans`` and ``args.input_size`` when not given: the --resume / --finetune
+    checkpoint defines them (a grey model must not silently get its first layer widened to 3
+    channels; a model is fine-tuned and evaluated at the size it was trained at)."""
     if args.in_chans is None:
         state = extract_state_dict(source_ckpt) if source_ckpt is not None else {}
         args.in_chans = first_layer_channels(state) or 3
     if args.input_size is None:
-        size = recorded.get("input_size") if args.resume_path else None
+        size = recorded.get("input_size")
         args.input_size = [size] if isinstance(size, int) else list(size or [224])
+        if size:
+            print(f"input size {' x '.join(map(str, input_hw(args)))}, as {checkpoint_of(args)} was trained "
+                  "(--input_size changes it)")
     if len(args.input_size) not in (1, 2):
         raise SystemExit("--input_size takes one number (square) or two (H W)")
 
 
-def blur_phrase(method) -> str:
-    return f"--blur {method}" if method else "no --blur"
+def checkpoint_of(args) -> str:
+    """The checkpoint this run starts from: --resume (or --auto_resume's), else --finetune ('' if none)."""
+    return getattr(args, "resume_path", "") or args.finetune
 
 
-def warn_on_blur_change(args, recorded: dict) -> None:
-    """A model fine-tuned on blurred inputs evaluated on sharp ones (or vice versa) scores badly
-    without any error: say so."""
-    if "blur_method" in recorded and recorded.get("blur_method") != args.blur_method:
-        warnings.warn(f"the checkpoint was fine-tuned with {blur_phrase(recorded.get('blur_method'))} but this "
-                      f"run has {blur_phrase(args.blur_method)}; pass the same blur settings (or a dataset "
-                      "blurred the same way) to evaluate it as trained")
+def apply_recorded_inputs(args, recorded: dict) -> None:
+    """Prepare the inputs as the checkpoint's model was trained: its blur (a deblurring-pretrained
+    encoder is fine-tuned on inputs blurred the same way) and its colour decision, unless overridden
+    (``--blur``, ``--blur none``). Sets what this run's checkpoints record (``args.input_blur``)."""
+    checkpoint = checkpoint_of(args)
+    recorded_blur = (recorded_input_blur(recorded, is_deblurring_model(str(recorded.get("model") or "")))
+                     if checkpoint else None)
+    resolve_input_blur(args, recorded_blur, checkpoint, args.data_path)
+    if checkpoint:
+        resolve_colour(args, recorded, checkpoint)
 
 
 # ------------------------------------------------------------------------------ data
@@ -264,7 +265,7 @@ def describe_data(datasets, class_names, pos_class, args) -> None:
     blur = blur_spec_from_args(args, prefix="blur_")
     averaging = (f"positive class '{class_names[pos_class]}'" if len(class_names) == 2
                  else "metrics macro-averaged over the classes")
-    print(f"classes {class_names}; {averaging}; input blur: {blur.describe() if blur else 'none'}")
+    print(f"classes {class_names}; {averaging}; blur applied on the fly: {blur.describe() if blur else 'none'}")
     for split, dataset in datasets.items():
         counts = ", ".join(f"{k} {v}" for k, v in dataset.class_counts().items())
         print(f"{split}: {len(dataset)} images ({counts})")
@@ -681,9 +682,8 @@ def prepare(args, task=None):
     finetune_ckpt = load_checkpoint_file(args.finetune) if args.finetune and not resume_ckpt else None
     recorded = recorded_args(resume_ckpt or finetune_ckpt)
     resolve_model_inputs(args, resume_ckpt or finetune_ckpt, recorded)
+    apply_recorded_inputs(args, recorded)
     task.settings_from_checkpoint(args, recorded, resume_ckpt)
-    if resume_ckpt is not None:
-        warn_on_blur_change(args, recorded)
     found = find_class_names(args.data_path, SPLITS)
     class_names = resolve_class_names(found, recorded.get("class_names") if resume_ckpt else None,
                                       args.nb_classes, args.data_path)

@@ -76,15 +76,18 @@ if __name__ == "__main__":
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+import models_convmae  # noqa: F401  (registers the pretraining models; it imports models_mae)
 from models_mae import is_deblurring_model
 from util import distributed as du
-from util.blur import blur_spec_from_args
+from util.blur import BLUR_SETTINGS_FILE, blur_spec_from_args
 from util.checkpoint import (load_auto_resume_checkpoint, load_checkpoint_file, load_weights, numbered_checkpoints,
                              save_checkpoint)
 from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, PixelNormaliser, PretrainDataset, SeededSampler,
                            collate_skip_bad, dataset_mean_std, split_folder, worker_options)
 from util.lr_decay import param_groups
 from util.lr_sched import adjust_learning_rate, effective_lr
+from util.provenance import (ON_THE_FLY, PUBLISHED_BLUR, data_blur, describe_blur_record, input_blur_record,
+                             recorded_args, same_blur_record, size_hw, unknown_blur_record)
 from util.registry import pretrain_models
 from util.training import (EpochMeter, NonFiniteGuard, RunProgress, StopTraining, accumulate_backward, amp_dtype,
                            append_log, autocast, device_type, epoch_seed, epoch_summary, grad_scaler,
@@ -167,12 +170,40 @@ def resolve_data_mode(args):
     return args.data_path_blurred, None, None
 
 
+def record_input_blur(args, root: str, orig, blur) -> None:
+    """``args.input_blur``, which every checkpoint records (with input_size, in_chans, keep_channels):
+    the blur on the fly, or the settings file of the blurred copy read as input (blurred_images.py
+    writes it), so that fine-tuning and evaluation can prepare their inputs the same way."""
+    copy = data_blur(root)
+    if blur is not None:
+        if copy is not None:
+            raise SystemExit(f"--blur {blur.method}: {root} is already a blurred copy ({copy.path}); blurring it "
+                             "again gives inputs blurred twice. Pass the original images as --data_path_orig.")
+        args.input_blur = input_blur_record(blur, ON_THE_FLY)
+        return
+    if copy is not None:
+        args.input_blur = input_blur_record(copy.spec, copy.path)
+        print(f"input blur: {root} is a copy blurred with {copy.describe()} ({copy.path})")
+    elif orig is not None:
+        args.input_blur = unknown_blur_record(f"{root} (no {BLUR_SETTINGS_FILE})")
+        print(f"input blur: not recorded: {root} has no {BLUR_SETTINGS_FILE} (blurred_images.py writes one); the "
+              "checkpoints cannot say how their inputs were blurred, and fine-tuning from them assumes the "
+              f"published {PUBLISHED_BLUR.describe()} unless told otherwise (--blur)")
+    else:
+        args.input_blur = None
+    target_copy = data_blur(orig) if orig is not None else None
+    if target_copy is not None:
+        warnings.warn(f"--data_path_orig {orig} is itself a blurred copy ({target_copy.path}): the "
+                      "reconstruction targets are blurred images, not the originals")
+
+
 def build_datasets(args):
     root, orig, blur = resolve_data_mode(args)
     for folder in filter(None, (root, orig)):
         if not os.path.isdir(folder):
             raise SystemExit(f"error: the data folder {folder} does not exist or is not a folder; check "
                              "--data_path_blurred / --data_path_orig")
+    record_input_blur(args, root, orig, blur)
     if args.keep_channels and args.in_chans == 1:
         raise SystemExit("error: --keep_channels keeps colour, which a 1-channel model cannot take; "
                          "use --in_chans 3 or leave out --keep_channels")
@@ -295,6 +326,7 @@ def restore(model, optimizer, scaler, args):
     ckpt = load_checkpoint_file(path) if args.resume else load_auto_resume_checkpoint(path)
     report = load_weights(model, ckpt, allow_unexpected=False, source_name=path)
     print(f"resumed weights: {report}")
+    warn_on_changed_inputs(args, recorded_args(ckpt), path)
     if "optimizer" in ckpt and "epoch" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         args.start_epoch = int(ckpt["epoch"]) + 1
@@ -303,6 +335,23 @@ def restore(model, optimizer, scaler, args):
         print(f"resuming at epoch {args.start_epoch} from {path}")
     else:
         print(f"{path} holds weights only: starting at epoch {args.start_epoch} with a fresh optimizer")
+
+
+def warn_on_changed_inputs(args, recorded: dict, path: str) -> None:
+    """A resumed run whose inputs are prepared otherwise than the checkpoint's (another blur, size or
+    colour decision) continues another experiment: say so."""
+    changes = []
+    if "input_blur" in recorded and not same_blur_record(recorded["input_blur"], args.input_blur):
+        changes.append(f"input blur {describe_blur_record(recorded['input_blur'])} -> "
+                       f"{describe_blur_record(args.input_blur)}")
+    if "input_size" in recorded and size_hw(recorded["input_size"]) != input_hw(args):
+        changes.append(f"input size {size_hw(recorded['input_size'])} -> {input_hw(args)}")
+    for name in ("in_chans", "keep_channels"):
+        if name in recorded and recorded[name] != getattr(args, name):
+            changes.append(f"{name} {recorded[name]} -> {getattr(args, name)}")
+    if changes:
+        warnings.warn(f"{path} was trained with other inputs than this run prepares ({'; '.join(changes)}): the "
+                      "resumed run continues a different experiment")
 
 
 # ------------------------------------------------------------------------------ loops
@@ -383,10 +432,10 @@ def write_figure(model, dataset, norm, epoch, args, writer):
 
 def compiled(model, args, mode: str | None = None):
     """``torch.compile`` (with ``mode``) when asked, or by default on CUDA (not with --deterministic).
-    Measured on the H200 for the published models (docs/performance.md): +38 % img/s for Deblurring
-    MAE-B, +43 % for Deblurring ConvMAE-B. When compiling was not asked for explicitly, a compiler
-    failure (e.g. no C compiler for Triton) falls back to eager execution with a warning instead of
-    stopping the run."""
+    Measured on the H200 for the published models (the anchors in docs/performance.md): +38 % img/s for
+    Deblurring MAE-B, +43 % for Deblurring ConvMAE-B. When compiling was not asked for explicitly, a
+    compiler failure (e.g. no C compiler for Triton) falls back to eager execution with a warning
+    instead of stopping the run."""
     if args.compile is None:
         args.compile = device_type(args) == "cuda" and not args.deterministic
         if args.compile:

@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models_mae import LOSS_REGIONS, MaskedAutoencoderBase, gather_tokens, to_2tuple
-from util.registry import ModelRegistry
+from models_mae import PUBLISHED_DECODER, TINY_DECODER, MaskedAutoencoderBase, deblurring, gather_tokens
 from models_vit import CONVVIT_PATCH, CONVVIT_SIZES, CONVVIT_STRIDES, build_convvit_encoder
+from util.registry import register_pretrain_model
 
 
 class MaskedAutoencoderConvViT(MaskedAutoencoderBase):
@@ -29,15 +29,25 @@ class MaskedAutoencoderConvViT(MaskedAutoencoderBase):
                  num_heads=12, mlp_ratios=(4, 4, 4), decoder_embed_dim=512, decoder_depth=8,
                  decoder_num_heads=16, norm_layer=partial(nn.LayerNorm, eps=1e-6),
                  norm_pix_loss=False, loss_on="masked"):
+        """
+        Args:
+            img_size: input size, one int (square) or (H, W), each divisible by 16 (the total stride).
+            in_chans: input (and reconstructed) channels: 3, or 1 for grey models.
+            embed_dims: widths of the three encoder stages (two convolutional, then the transformer).
+            depths: blocks per stage.
+            num_heads: attention heads of the transformer blocks.
+            mlp_ratios: MLP hidden width per stage, as a multiple of the stage width; the decoder
+                blocks use the stage-1 ratio, as published.
+            decoder_embed_dim: width of the decoder.
+            decoder_depth: number of decoder blocks.
+            decoder_num_heads: attention heads of each decoder block.
+            norm_layer: normalisation of the transformer and decoder blocks (LayerNorm, eps 1e-6).
+            norm_pix_loss: normalise each target patch by its own mean and variance.
+            loss_on: ``'masked'`` (ConvMAE: loss on the masked patches) or ``'all'`` (Deblurring
+                ConvMAE as published: on every patch).
+        """
         super().__init__()
-        if loss_on not in LOSS_REGIONS:
-            raise ValueError(f"loss_on must be one of {LOSS_REGIONS}, got {loss_on!r}")
-        img_size = to_2tuple(img_size)
-        if img_size[0] % CONVVIT_PATCH or img_size[1] % CONVVIT_PATCH:
-            raise ValueError(f"ConvMAE needs an image size divisible by 16, got {img_size}")
-        self.patch_size, self.in_chans, self.num_prefix_tokens = CONVVIT_PATCH, in_chans, 0
-        self.grid = (img_size[0] // CONVVIT_PATCH, img_size[1] // CONVVIT_PATCH)
-        self.norm_pix_loss, self.loss_on = norm_pix_loss, loss_on
+        self._init_geometry(img_size, CONVVIT_PATCH, in_chans, 0, norm_pix_loss, loss_on)
 
         build_convvit_encoder(self, in_chans, embed_dims, depths, num_heads, mlp_ratios, norm_layer)
         # Each stage-1 (stage-2) map is projected onto the token grid by a conv whose stride is the
@@ -85,30 +95,89 @@ class MaskedAutoencoderConvViT(MaskedAutoencoderBase):
         return self.norm(x)
 
 
-CONVMAE_MODELS = ModelRegistry("pretraining model")
-TINY_DECODER = dict(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
+# ------------------------------------------------------------------ named factories
+# ``convmae_*``: vanilla ConvMAE (the loss on the masked patches). ``dconvmae_*``: Deblurring ConvMAE
+# (the loss on all patches, as published; given the blurred image and the sharp target). The
+# ``_dec512d8b`` names are the published long names of the same models. Keyword arguments override any
+# setting (``img_size``, ``in_chans``, ``norm_pix_loss``, ``loss_on``, ...).
+def _convmae(size: str, kwargs: dict, decoder: dict = PUBLISHED_DECODER) -> MaskedAutoencoderConvViT:
+    return MaskedAutoencoderConvViT(**{**CONVVIT_SIZES[size], **decoder, **kwargs})
 
 
-def _convmae_factory(sizes: dict, default_loss_on: str):
-    def factory(**kwargs):
-        kwargs.setdefault("loss_on", default_loss_on)
-        return MaskedAutoencoderConvViT(**{**sizes, **kwargs})
-    return factory
+@register_pretrain_model
+def convmae_convvit_base_patch16(**kwargs):
+    """ConvMAE, ConvViT-B encoder (stages 256/384/768 wide, 2/2/11 blocks, 12 heads)."""
+    return _convmae("base", kwargs)
 
 
-def _register_convmae_models():
-    for size, (dims, depths, heads, mlps) in CONVVIT_SIZES.items():
-        sizes = dict(embed_dims=dims, depths=depths, num_heads=heads, mlp_ratios=mlps)
-        published = size != "tiny"
-        if published:
-            sizes.update(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
-        else:
-            sizes.update(TINY_DECODER)
-        for prefix, loss_on in (("convmae", "masked"), ("dconvmae", "all")):
-            factory = _convmae_factory(sizes, loss_on)
-            CONVMAE_MODELS.register(f"{prefix}_convvit_{size}_patch16", factory)
-            if published:
-                CONVMAE_MODELS.register(f"{prefix}_convvit_{size}_patch16_dec512d8b", factory)
+@register_pretrain_model
+def convmae_convvit_large_patch16(**kwargs):
+    """ConvMAE, ConvViT-L encoder (stages 384/768/1024 wide, 2/2/23 blocks, 16 heads)."""
+    return _convmae("large", kwargs)
 
 
-_register_convmae_models()
+@register_pretrain_model
+def convmae_convvit_huge_patch16(**kwargs):
+    """ConvMAE, ConvViT-H encoder (stages 768/1024/1280 wide, 2/2/31 blocks, 16 heads)."""
+    return _convmae("huge", kwargs)
+
+
+@register_pretrain_model
+def convmae_convvit_tiny_patch16(**kwargs):
+    """ConvMAE, CPU-sized ConvViT (decoder 64-d, 1 block) for tests and the demo."""
+    return _convmae("tiny", kwargs, decoder=TINY_DECODER)
+
+
+@register_pretrain_model
+def dconvmae_convvit_base_patch16(**kwargs):
+    """Deblurring ConvMAE, ConvViT-B encoder."""
+    return deblurring(convmae_convvit_base_patch16, kwargs)
+
+
+@register_pretrain_model
+def dconvmae_convvit_large_patch16(**kwargs):
+    """Deblurring ConvMAE, ConvViT-L encoder."""
+    return deblurring(convmae_convvit_large_patch16, kwargs)
+
+
+@register_pretrain_model
+def dconvmae_convvit_huge_patch16(**kwargs):
+    """Deblurring ConvMAE, ConvViT-H encoder."""
+    return deblurring(convmae_convvit_huge_patch16, kwargs)
+
+
+@register_pretrain_model
+def dconvmae_convvit_tiny_patch16(**kwargs):
+    """Deblurring ConvMAE, CPU-sized ConvViT for tests and the demo."""
+    return deblurring(convmae_convvit_tiny_patch16, kwargs)
+
+
+# The published long names, decoder spelled out.
+@register_pretrain_model
+def convmae_convvit_base_patch16_dec512d8b(**kwargs):
+    return convmae_convvit_base_patch16(**kwargs)
+
+
+@register_pretrain_model
+def convmae_convvit_large_patch16_dec512d8b(**kwargs):
+    return convmae_convvit_large_patch16(**kwargs)
+
+
+@register_pretrain_model
+def convmae_convvit_huge_patch16_dec512d8b(**kwargs):
+    return convmae_convvit_huge_patch16(**kwargs)
+
+
+@register_pretrain_model
+def dconvmae_convvit_base_patch16_dec512d8b(**kwargs):
+    return dconvmae_convvit_base_patch16(**kwargs)
+
+
+@register_pretrain_model
+def dconvmae_convvit_large_patch16_dec512d8b(**kwargs):
+    return dconvmae_convvit_large_patch16(**kwargs)
+
+
+@register_pretrain_model
+def dconvmae_convvit_huge_patch16_dec512d8b(**kwargs):
+    return dconvmae_convvit_huge_patch16(**kwargs)

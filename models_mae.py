@@ -19,22 +19,21 @@ The masking, decoder and loss shared with ConvMAE live in ``MaskedAutoencoderBas
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import PatchEmbed
+from timm.layers import PatchEmbed, to_2tuple
 from timm.models.vision_transformer import Block
 
 from util.pos_embed import get_2d_sincos_pos_embed
-from util.registry import ModelRegistry
+from util.registry import register_pretrain_model
 
 LOSS_REGIONS = ("masked", "all")
-MAE_MODELS = ModelRegistry("pretraining model")
-
-
-def to_2tuple(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+# The decoder of every published model (the ``_dec512d8b`` of the long names): 512-d, 8 blocks, 16 heads.
+PUBLISHED_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+# The decoder of the CPU-sized (tiny) models of the tests and the demo; not a published size.
+TINY_DECODER = dict(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
 
 
 def random_masking(batch: int, num_tokens: int, mask_ratio: float, device,
@@ -69,6 +68,20 @@ class MaskedAutoencoderBase(nn.Module):
     ``self.in_chans`` and ``self.num_prefix_tokens`` (1 with a cls token, else 0), and implement
     ``forward_encoder(imgs, ids_keep) -> (N, prefix + K, D)``.
     """
+
+    def _init_geometry(self, img_size, patch_size: int, in_chans: int, num_prefix_tokens: int,
+                       norm_pix_loss: bool, loss_on: str):
+        """Check the size and loss settings (one clear error before any layer is built) and set
+        ``grid``, ``patch_size``, ``in_chans``, ``num_prefix_tokens``, ``norm_pix_loss``, ``loss_on``."""
+        if loss_on not in LOSS_REGIONS:
+            raise ValueError(f"loss_on must be one of {LOSS_REGIONS}, got {loss_on!r}")
+        img_size = to_2tuple(img_size)
+        if img_size[0] % patch_size or img_size[1] % patch_size:
+            raise ValueError(f"image size {img_size} is not divisible by the patch size {patch_size}")
+        self.patch_size, self.in_chans, self.num_prefix_tokens = patch_size, in_chans, num_prefix_tokens
+        self.grid = (img_size[0] // patch_size, img_size[1] // patch_size)
+        self.norm_pix_loss, self.loss_on = norm_pix_loss, loss_on
+        return img_size
 
     def _build_decoder(self, embed_dim: int, decoder_embed_dim: int, decoder_depth: int,
                        decoder_num_heads: int, decoder_mlp_ratio: float, norm_layer):
@@ -176,15 +189,25 @@ class MaskedAutoencoderViT(MaskedAutoencoderBase):
                  num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
                  mlp_ratio=4.0, norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=False,
                  loss_on="masked"):
+        """
+        Args:
+            img_size: input size, one int (square) or (H, W), each divisible by ``patch_size``.
+            patch_size: side of the square patches (the token grid is ``img_size / patch_size``).
+            in_chans: input (and reconstructed) channels: 3, or 1 for grey models.
+            embed_dim: width of the encoder.
+            depth: number of encoder blocks.
+            num_heads: attention heads of each encoder block.
+            decoder_embed_dim: width of the decoder.
+            decoder_depth: number of decoder blocks.
+            decoder_num_heads: attention heads of each decoder block.
+            mlp_ratio: hidden width of the MLPs (encoder and decoder) as a multiple of their width.
+            norm_layer: normalisation layer (LayerNorm, eps 1e-6, as MAE).
+            norm_pix_loss: normalise each target patch by its own mean and variance.
+            loss_on: ``'masked'`` (MAE: mean squared error on the masked patches) or ``'all'``
+                (Deblurring MAE as published: on every patch).
+        """
         super().__init__()
-        if loss_on not in LOSS_REGIONS:
-            raise ValueError(f"loss_on must be one of {LOSS_REGIONS}, got {loss_on!r}")
-        img_size = to_2tuple(img_size)
-        if img_size[0] % patch_size or img_size[1] % patch_size:
-            raise ValueError(f"image size {img_size} is not divisible by the patch size {patch_size}")
-        self.patch_size, self.in_chans, self.num_prefix_tokens = patch_size, in_chans, 1
-        self.grid = (img_size[0] // patch_size, img_size[1] // patch_size)
-        self.norm_pix_loss, self.loss_on = norm_pix_loss, loss_on
+        img_size = self._init_geometry(img_size, patch_size, in_chans, 1, norm_pix_loss, loss_on)
 
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                       embed_dim=embed_dim)
@@ -218,43 +241,146 @@ class MaskedAutoencoderViT(MaskedAutoencoderBase):
         return self.norm(x)
 
 
-# ------------------------------------------------------------------ named factories
-# (patch, embed_dim, depth, heads) of the published encoders; decoder 512-d, 8 blocks, 16 heads.
-VIT_SIZES = {
-    "base_patch16": (16, 768, 12, 12),
-    "large_patch16": (16, 1024, 24, 16),
-    "huge_patch14": (14, 1280, 32, 16),
-    "base_patch8": (8, 768, 12, 12),
-    "base_patch28": (28, 768, 12, 12),
-}
-# CPU-sized variant for tests and the demo (not a published size).
-TINY_VIT = dict(patch_size=16, embed_dim=96, depth=2, num_heads=3,
-                decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
-
-
-def _vit_factory(size_kwargs: dict, default_loss_on: str):
-    def factory(**kwargs):
-        kwargs.setdefault("loss_on", default_loss_on)
-        return MaskedAutoencoderViT(**{**size_kwargs, **kwargs})
-    return factory
-
-
-def _register_vit_models():
-    for size, (patch, dim, depth, heads) in VIT_SIZES.items():
-        sizes = dict(patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
-                     decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
-        for prefix, loss_on in (("mae", "masked"), ("dmae", "all")):
-            factory = _vit_factory(sizes, loss_on)
-            MAE_MODELS.register(f"{prefix}_vit_{size}", factory)
-            # the published files also exposed the long names with the decoder spelled out
-            MAE_MODELS.register(f"{prefix}_vit_{size}_dec512d8b", factory)
-    MAE_MODELS.register("mae_vit_tiny_patch16", _vit_factory(TINY_VIT, "masked"))
-    MAE_MODELS.register("dmae_vit_tiny_patch16", _vit_factory(TINY_VIT, "all"))
-
-
-_register_vit_models()
-
 
 def is_deblurring_model(name: str) -> bool:
     """The ``d*`` names train to reconstruct the sharp image from a blurred input."""
     return name.startswith(("dmae_", "dconvmae_"))
+
+
+# ------------------------------------------------------------------ named factories
+# ``mae_*``: vanilla MAE (the loss on the masked patches). ``dmae_*``: Deblurring MAE (the same model
+# with the loss on all patches, as published; it is given the blurred image and the sharp target).
+# The ``_dec512d8b`` names are the published long names of the same models. Keyword arguments
+# override any setting (``img_size``, ``in_chans``, ``norm_pix_loss``, ``loss_on``, ...).
+def _mae_vit(kwargs: dict, *, patch_size: int, embed_dim: int, depth: int, num_heads: int,
+             decoder: dict = PUBLISHED_DECODER) -> MaskedAutoencoderViT:
+    sizes = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, **decoder)
+    return MaskedAutoencoderViT(**{**sizes, **kwargs})
+
+
+def deblurring(factory, kwargs: dict):
+    """``factory``'s model with the published Deblurring loss default (all patches)."""
+    return factory(**{"loss_on": "all", **kwargs})
+
+
+@register_pretrain_model
+def mae_vit_base_patch16(**kwargs):
+    """MAE, ViT-B/16 encoder (768-d, 12 blocks, 12 heads)."""
+    return _mae_vit(kwargs, patch_size=16, embed_dim=768, depth=12, num_heads=12)
+
+
+@register_pretrain_model
+def mae_vit_large_patch16(**kwargs):
+    """MAE, ViT-L/16 encoder (1024-d, 24 blocks, 16 heads)."""
+    return _mae_vit(kwargs, patch_size=16, embed_dim=1024, depth=24, num_heads=16)
+
+
+@register_pretrain_model
+def mae_vit_huge_patch14(**kwargs):
+    """MAE, ViT-H/14 encoder (1280-d, 32 blocks, 16 heads)."""
+    return _mae_vit(kwargs, patch_size=14, embed_dim=1280, depth=32, num_heads=16)
+
+
+@register_pretrain_model
+def mae_vit_base_patch8(**kwargs):
+    """MAE, ViT-B encoder on 8x8 patches."""
+    return _mae_vit(kwargs, patch_size=8, embed_dim=768, depth=12, num_heads=12)
+
+
+@register_pretrain_model
+def mae_vit_base_patch28(**kwargs):
+    """MAE, ViT-B encoder on 28x28 patches."""
+    return _mae_vit(kwargs, patch_size=28, embed_dim=768, depth=12, num_heads=12)
+
+
+@register_pretrain_model
+def mae_vit_tiny_patch16(**kwargs):
+    """MAE, CPU-sized ViT (96-d, 2 blocks, 3 heads; decoder 64-d, 1 block) for tests and the demo."""
+    return _mae_vit(kwargs, patch_size=16, embed_dim=96, depth=2, num_heads=3, decoder=TINY_DECODER)
+
+
+@register_pretrain_model
+def dmae_vit_base_patch16(**kwargs):
+    """Deblurring MAE, ViT-B/16 encoder."""
+    return deblurring(mae_vit_base_patch16, kwargs)
+
+
+@register_pretrain_model
+def dmae_vit_large_patch16(**kwargs):
+    """Deblurring MAE, ViT-L/16 encoder."""
+    return deblurring(mae_vit_large_patch16, kwargs)
+
+
+@register_pretrain_model
+def dmae_vit_huge_patch14(**kwargs):
+    """Deblurring MAE, ViT-H/14 encoder."""
+    return deblurring(mae_vit_huge_patch14, kwargs)
+
+
+@register_pretrain_model
+def dmae_vit_base_patch8(**kwargs):
+    """Deblurring MAE, ViT-B encoder on 8x8 patches."""
+    return deblurring(mae_vit_base_patch8, kwargs)
+
+
+@register_pretrain_model
+def dmae_vit_base_patch28(**kwargs):
+    """Deblurring MAE, ViT-B encoder on 28x28 patches."""
+    return deblurring(mae_vit_base_patch28, kwargs)
+
+
+@register_pretrain_model
+def dmae_vit_tiny_patch16(**kwargs):
+    """Deblurring MAE, CPU-sized ViT for tests and the demo."""
+    return deblurring(mae_vit_tiny_patch16, kwargs)
+
+
+# The published long names, decoder spelled out.
+@register_pretrain_model
+def mae_vit_base_patch16_dec512d8b(**kwargs):
+    return mae_vit_base_patch16(**kwargs)
+
+
+@register_pretrain_model
+def mae_vit_large_patch16_dec512d8b(**kwargs):
+    return mae_vit_large_patch16(**kwargs)
+
+
+@register_pretrain_model
+def mae_vit_huge_patch14_dec512d8b(**kwargs):
+    return mae_vit_huge_patch14(**kwargs)
+
+
+@register_pretrain_model
+def mae_vit_base_patch8_dec512d8b(**kwargs):
+    return mae_vit_base_patch8(**kwargs)
+
+
+@register_pretrain_model
+def mae_vit_base_patch28_dec512d8b(**kwargs):
+    return mae_vit_base_patch28(**kwargs)
+
+
+@register_pretrain_model
+def dmae_vit_base_patch16_dec512d8b(**kwargs):
+    return dmae_vit_base_patch16(**kwargs)
+
+
+@register_pretrain_model
+def dmae_vit_large_patch16_dec512d8b(**kwargs):
+    return dmae_vit_large_patch16(**kwargs)
+
+
+@register_pretrain_model
+def dmae_vit_huge_patch14_dec512d8b(**kwargs):
+    return dmae_vit_huge_patch14(**kwargs)
+
+
+@register_pretrain_model
+def dmae_vit_base_patch8_dec512d8b(**kwargs):
+    return dmae_vit_base_patch8(**kwargs)
+
+
+@register_pretrain_model
+def dmae_vit_base_patch28_dec512d8b(**kwargs):
+    return dmae_vit_base_patch28(**kwargs)

@@ -18,16 +18,10 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, to_2tuple, trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer as TimmVisionTransformer
 
-from util.registry import ModelRegistry
-
-FINETUNE_MODELS = ModelRegistry("fine-tuning model")
-
-
-def _to_2tuple(size):
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+from util.registry import finetune_models, register_finetune_model
 
 
 # =============================================================================== ConvViT layers
@@ -121,12 +115,13 @@ def build_convvit_encoder(module: nn.Module, in_chans: int, embed_dims: Sequence
     module.norm = norm_layer(d3)
 
 
-# (embed_dims, depths, num_heads, mlp_ratios) of the published ConvViT sizes, and a CPU-sized one.
+# The published ConvViT sizes, and a CPU-sized one for tests and the demo (shared by the pretraining
+# models of models_convmae.py).
 CONVVIT_SIZES = {
-    "base": ((256, 384, 768), (2, 2, 11), 12, (4, 4, 4)),
-    "large": ((384, 768, 1024), (2, 2, 23), 16, (8, 8, 4)),
-    "huge": ((768, 1024, 1280), (2, 2, 31), 16, (8, 8, 4)),
-    "tiny": ((32, 48, 96), (1, 1, 2), 3, (4, 4, 4)),
+    "base": dict(embed_dims=(256, 384, 768), depths=(2, 2, 11), num_heads=12, mlp_ratios=(4, 4, 4)),
+    "large": dict(embed_dims=(384, 768, 1024), depths=(2, 2, 23), num_heads=16, mlp_ratios=(8, 8, 4)),
+    "huge": dict(embed_dims=(768, 1024, 1280), depths=(2, 2, 31), num_heads=16, mlp_ratios=(8, 8, 4)),
+    "tiny": dict(embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=3, mlp_ratios=(4, 4, 4)),
 }
 
 
@@ -135,6 +130,14 @@ class VisionTransformer(TimmVisionTransformer):
     """timm ViT with MAE's pooling convention and a multi-scale feature method for segmentation."""
 
     def __init__(self, global_pool: bool = True, **kwargs):
+        """
+        Args:
+            global_pool: ``True``: the average of the patch tokens, then ``fc_norm`` (MAE's fine-tuning
+                head, no final ``norm``); ``False``: the cls token after ``norm``.
+            **kwargs: timm ``VisionTransformer`` arguments (``img_size`` one int or (H, W),
+                ``patch_size``, ``in_chans``, ``num_classes``, ``embed_dim``, ``depth``, ``num_heads``,
+                ``mlp_ratio``, ``drop_path_rate``, ...); the norm layer defaults to LayerNorm eps 1e-6.
+        """
         kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
         if global_pool == FIRST_PATCH:
             raise ValueError("first-patch pooling exists for ConvViT only (no class token there); a ViT "
@@ -171,8 +174,24 @@ class ConvViT(nn.Module):
                  depths=(2, 2, 11), num_heads=12, mlp_ratios=(4, 4, 4),
                  norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_rate=0.0, drop_path_rate=0.0,
                  global_pool: bool = True):
+        """
+        Args:
+            img_size: input size, one int (square) or (H, W), each divisible by 16.
+            in_chans: input channels: 3, or 1 for grey models.
+            num_classes: classes of the linear head (0: no head, the pooled features are the output).
+            embed_dims: widths of the three stages (two convolutional, then the transformer).
+            depths: blocks per stage.
+            num_heads: attention heads of the transformer blocks.
+            mlp_ratios: MLP hidden width per stage, as a multiple of the stage width.
+            norm_layer: normalisation of the transformer blocks and the final norm (LayerNorm, eps 1e-6).
+            drop_rate: dropout after the embeddings and in the MLPs.
+            drop_path_rate: stochastic depth of the last block; it grows linearly from 0 over the blocks.
+            global_pool: ``True``: average of the tokens, then ``fc_norm`` (published default);
+                ``False``: ``norm``, then the average; ``'first_patch'``: ``norm``, then the first patch
+                token (the published non-pooled path).
+        """
         super().__init__()
-        img_size = _to_2tuple(img_size)
+        img_size = to_2tuple(img_size)
         if img_size[0] % CONVVIT_PATCH or img_size[1] % CONVVIT_PATCH:
             raise ValueError(f"ConvViT needs an image size divisible by 16, got {img_size}")
         self.grid = (img_size[0] // CONVVIT_PATCH, img_size[1] // CONVVIT_PATCH)
@@ -255,24 +274,70 @@ class ConvViT(nn.Module):
 
 
 # =============================================================================== factories
-def _vit_factory(size: dict):
-    def factory(**kwargs):
-        return VisionTransformer(**{**dict(mlp_ratio=4, qkv_bias=True), **size, **kwargs})
-    return factory
+# Keyword arguments override any setting (``img_size``, ``in_chans``, ``num_classes``, ``global_pool``, ...).
+def _vit(size: dict, kwargs: dict) -> VisionTransformer:
+    return VisionTransformer(**{**dict(mlp_ratio=4, qkv_bias=True), **size, **kwargs})
 
 
-def _convvit_factory(dims, depths, heads, mlps):
-    def factory(**kwargs):
-        return ConvViT(**{**dict(embed_dims=dims, depths=depths, num_heads=heads, mlp_ratios=mlps), **kwargs})
-    return factory
+@register_finetune_model
+def vit_base_patch16(**kwargs):
+    """ViT-B/16 (768-d, 12 blocks, 12 heads)."""
+    return _vit(VIT_SIZES["base_patch16"], kwargs)
 
 
-for _name, _size in VIT_SIZES.items():
-    FINETUNE_MODELS.register(f"vit_{_name}", _vit_factory(_size))
-for _name, _cfg in CONVVIT_SIZES.items():
-    FINETUNE_MODELS.register(f"convvit_{_name}_patch16", _convvit_factory(*_cfg))
+@register_finetune_model
+def vit_large_patch16(**kwargs):
+    """ViT-L/16 (1024-d, 24 blocks, 16 heads)."""
+    return _vit(VIT_SIZES["large_patch16"], kwargs)
+
+
+@register_finetune_model
+def vit_huge_patch14(**kwargs):
+    """ViT-H/14 (1280-d, 32 blocks, 16 heads)."""
+    return _vit(VIT_SIZES["huge_patch14"], kwargs)
+
+
+@register_finetune_model
+def vit_base_patch8(**kwargs):
+    """ViT-B on 8x8 patches."""
+    return _vit(VIT_SIZES["base_patch8"], kwargs)
+
+
+@register_finetune_model
+def vit_base_patch28(**kwargs):
+    """ViT-B on 28x28 patches."""
+    return _vit(VIT_SIZES["base_patch28"], kwargs)
+
+
+@register_finetune_model
+def vit_tiny_patch16(**kwargs):
+    """CPU-sized ViT (96-d, 2 blocks, 3 heads) for tests and the demo."""
+    return _vit(VIT_SIZES["tiny_patch16"], kwargs)
+
+
+@register_finetune_model
+def convvit_base_patch16(**kwargs):
+    """ConvViT-B (stages 256/384/768 wide, 2/2/11 blocks, 12 heads)."""
+    return ConvViT(**{**CONVVIT_SIZES["base"], **kwargs})
+
+
+@register_finetune_model
+def convvit_large_patch16(**kwargs):
+    """ConvViT-L (stages 384/768/1024 wide, 2/2/23 blocks, 16 heads)."""
+    return ConvViT(**{**CONVVIT_SIZES["large"], **kwargs})
+
+
+@register_finetune_model
+def convvit_huge_patch16(**kwargs):
+    """ConvViT-H (stages 768/1024/1280 wide, 2/2/31 blocks, 16 heads)."""
+    return ConvViT(**{**CONVVIT_SIZES["huge"], **kwargs})
+
+
+@register_finetune_model
+def convvit_tiny_patch16(**kwargs):
+    """CPU-sized ConvViT (stages 32/48/96 wide, 1/1/2 blocks, 3 heads) for tests and the demo."""
+    return ConvViT(**{**CONVVIT_SIZES["tiny"], **kwargs})
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
-    return FINETUNE_MODELS.create(name, **kwargs)
-
+    return finetune_models().create(name, **kwargs)

@@ -1,4 +1,5 @@
 """blurred_images.py: tree mirroring, formats, resume, corrupt files, refusals, DICOM, the published command."""
+import json
 import os
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 import blurred_images
-from util.blur import BlurSpec
+from util.blur import BLUR_SETTINGS_FILE, BlurSpec
 from util.image_io import read_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,8 +39,9 @@ def run_cli(*argv):
 
 
 def relative_files(folder):
+    """Every file below ``folder`` but a blurred copy's settings file (tested on its own)."""
     return sorted(os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/")
-                  for d, _, files in os.walk(folder) for f in files)
+                  for d, _, files in os.walk(folder) for f in files if f != BLUR_SETTINGS_FILE)
 
 
 def test_published_command_gives_opencv_grey_gaussian_of_every_image(tmp_path):
@@ -346,3 +348,53 @@ def test_dicom_without_extension_whose_png_name_is_taken_fails(tmp_path):
     shutil.copy(single, src / "IM000001")
     summary = run(src, tmp_path / "dst")
     assert summary.written == 1 and summary.failed == ["IM000001"]
+
+
+# ------------------------------------------------------------------------------ settings file
+def settings(dst):
+    return json.load(open(dst / BLUR_SETTINGS_FILE))
+
+
+def test_the_copy_records_its_settings_and_refuses_other_settings_unless_overwrite(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for rel in ["train/a.png", "val/b.png"]:
+        save_png(src / rel, colour_image())
+    run(src, dst, "--method", "median", "--kernel_size", "3")
+    assert settings(dst) == {"written_by": "blurred_images.py", "blur": {"method": "median", "kernel_size": 3},
+                             "channels": "grey", "source": str(src), "pending": False}
+    before = (dst / "train/a.png").read_bytes()
+    # other settings would keep the images already there: a copy of two blurs
+    for other in (["--method", "median", "--kernel_size", "5"], ["--method", "median", "--kernel_size", "3",
+                                                                 "--keep_channels"]):
+        with pytest.raises(blurred_images.UsageError, match=r"holds images blurred with median \(kernel 3\), grey.*"
+                                                            "--overwrite"):
+            run(src, dst, *other)
+    assert (dst / "train/a.png").read_bytes() == before and settings(dst)["blur"]["kernel_size"] == 3
+    run(src, dst, "--method", "median", "--kernel_size", "3")  # the same settings resume
+    summary = run(src, dst, "--method", "gaussian", "--sigma", "2", "--overwrite")
+    assert summary.written == 2 and settings(dst)["blur"] == {"method": "gaussian", "sigma": 2.0}
+    assert settings(dst)["pending"] is False
+
+
+def test_an_unfinished_overwrite_marks_the_copy_as_mixed(tmp_path, monkeypatch):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for rel in ["a.png", "b.png"]:
+        save_png(src / rel, colour_image())
+    run(src, dst)
+    original = blurred_images.blur_file
+
+    def fails_on_b(task):
+        return blurred_images.FileResult(task.relative_path, error="disk full") if task.relative_path == "b.png" \
+            else original(task)
+    monkeypatch.setattr(blurred_images, "blur_file", fails_on_b)
+    summary = run(src, dst, "--sigma", "3", "--overwrite")
+    assert summary.failed == ["b.png"] and settings(dst)["pending"] is True  # b.png still has sigma 1.1
+    monkeypatch.setattr(blurred_images, "blur_file", original)
+    with pytest.raises(blurred_images.UsageError, match="did not finish.*--overwrite"):
+        run(src, dst, "--sigma", "3")
+    from util.provenance import data_blur
+    from util.datasets import DatasetError
+    with pytest.raises(DatasetError, match="mixes two blurs"):
+        data_blur(str(dst))
+    run(src, dst, "--sigma", "3", "--overwrite")
+    assert settings(dst)["pending"] is False and data_blur(str(dst)).spec == BlurSpec(sigma=3.0)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from util.checkpoint import CheckpointError, load_checkpoint_file, load_weights, save_checkpoint
+import models_convmae  # noqa: F401  (registers the models; it imports models_mae and models_vit)
 from util.registry import finetune_models, pretrain_models
 
 
@@ -186,6 +187,36 @@ def test_wrong_architecture_and_class_count_are_clear_errors(tmp_path):
         load_weights(two, path)
     report = load_weights(two, path, allowed_missing=("head.",), drop_mismatched=("head.",))
     assert any(k.startswith("head.weight") for k in report.dropped)
+
+
+def test_errors_name_the_setting_the_caller_gives():
+    small = finetune_models().create("vit_tiny_patch16", num_classes=0, img_size=32)
+    narrow = finetune_models().create("vit_tiny_patch16", num_classes=0, img_size=32, embed_dim=48)
+    cases = {"architecture or size; check model.backbone.": (narrow, small.state_dict()),
+             "another architecture; check model.backbone.": (
+                 small, {k: v for k, v in small.state_dict().items() if k != "blocks.0.norm1.weight"})}
+    for ending, (model, state) in cases.items():
+        with pytest.raises(CheckpointError) as info:
+            load_weights(model, state, source_name="enc.pth", hint="check model.backbone")
+        message = str(info.value)
+        assert message.startswith("enc.pth: ") and message.endswith(ending), message
+        assert "--model" not in message
+
+
+def test_segmentation_backbone_errors_name_the_file_and_the_config_key(tmp_path):
+    import sys
+    seg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "SEG")
+    if seg not in sys.path:
+        sys.path.append(seg)  # appended: SEG/ must not shadow top-level names such as tools
+    from mmseg_custom.pretrained import load_pretrained_backbone
+    path = str(tmp_path / "wide.pth")
+    save_checkpoint({"model": finetune_models().create("vit_tiny_patch16", img_size=32).state_dict()}, path)
+    narrow = finetune_models().create("vit_tiny_patch16", num_classes=0, img_size=32, embed_dim=48)
+    # a shape mismatch: its message used to keep the scripts' '--model (and --nb_classes ...)' advice
+    with pytest.raises(CheckpointError, match=f"^{path}: 'cls_token' has shape .*; check model.backbone in the config"
+                       ) as info:
+        load_pretrained_backbone(narrow, path, new_parameters=("head.",))
+    assert "--model" not in str(info.value)
 
 
 def test_truncated_and_missing_files(tmp_path):

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+import models_convmae  # noqa: F401  (registers the models; it imports models_mae and models_vit)
 from util import arguments
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

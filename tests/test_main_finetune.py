@@ -14,6 +14,7 @@ import torch
 
 import main_finetune
 from util.metrics import METRIC_NAMES
+import models_convmae  # noqa: F401  (registers the models; it imports models_mae and models_vit)
 from util.registry import finetune_models, pretrain_models
 
 N_TEST = 7  # odd: two processes get a padded shard

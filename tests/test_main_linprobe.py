@@ -22,6 +22,7 @@ from test_main_finetune import make_image
 from util.knn import knn_class_probabilities
 from util.lars import LARS
 from util.metrics import METRIC_NAMES
+import models_convmae  # noqa: F401  (registers the models; it imports models_mae and models_vit)
 from util.registry import finetune_models, pretrain_models
 
 N_TEST = 7  # odd: two processes get a padded shard

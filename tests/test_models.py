@@ -4,6 +4,7 @@ import torch
 
 from models_mae import MaskedAutoencoderViT, random_masking
 from util.pos_embed import get_2d_sincos_pos_embed
+import models_convmae  # noqa: F401  (registers the models; it imports models_mae and models_vit)
 from util.registry import finetune_models, pretrain_models
 
 TINY_PRETRAIN = ["mae_vit_tiny_patch16", "dmae_vit_tiny_patch16",
@@ -182,3 +183,43 @@ def test_feature_pyramids():
     vit = finetune_models().create("vit_tiny_patch16", num_classes=0, img_size=(64, 96)).eval()
     feats = vit.forward_pyramid(torch.randn(1, 3, 64, 96), indices=(0, 1))
     assert [tuple(f.shape) for f in feats] == [(1, 96, 4, 6)] * 2
+
+
+# --------------------------------------------------------------------- names
+def test_every_model_name_is_a_greppable_def_of_its_model_file():
+    import inspect
+
+    import models_convmae
+    import models_mae
+    import models_vit
+    sources = {m.__name__: inspect.getsource(m) for m in (models_mae, models_convmae, models_vit)}
+    for registry, files in ((pretrain_models(), ("models_mae", "models_convmae")), (finetune_models(), ("models_vit",))):
+        for name in registry.names():
+            factory = registry._factories[name]
+            assert factory.__name__ == name and factory.__module__ in files, name
+            assert f"\ndef {name}(**kwargs):" in sources[factory.__module__], name
+    published = [f"{p}_vit_{s}" for p in ("mae", "dmae")
+                 for s in ("base_patch16", "large_patch16", "huge_patch14", "base_patch8", "base_patch28")]
+    published += [f"{p}_convvit_{s}_patch16" for p in ("convmae", "dconvmae") for s in ("base", "large", "huge")]
+    assert set(published) | {f"{n}_dec512d8b" for n in published} <= set(pretrain_models().names())
+    assert {"vit_base_patch16", "vit_large_patch16", "vit_huge_patch14", "convvit_base_patch16",
+            "convvit_large_patch16", "convvit_huge_patch16", "vit_tiny_patch16"} <= set(finetune_models().names())
+
+
+def test_model_constructors_document_their_arguments():
+    import inspect
+
+    from models_convmae import MaskedAutoencoderConvViT
+    from models_vit import ConvViT, VisionTransformer
+    for cls in (MaskedAutoencoderViT, MaskedAutoencoderConvViT, ConvViT):
+        doc = inspect.getdoc(cls.__init__) or ""
+        documented = {line.split(":")[0].strip() for line in doc.split("Args:")[-1].splitlines() if ":" in line}
+        params = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        assert params <= documented, (cls.__name__, params - documented)
+    assert "Args:" in inspect.getdoc(VisionTransformer.__init__)
+
+
+def test_an_empty_registry_says_which_modules_fill_it():
+    from util.registry import ModelRegistry
+    with pytest.raises(ValueError, match="no fine-tuning models are registered yet; import models_vit"):
+        ModelRegistry("fine-tuning model", modules=("models_vit",)).create("vit_base_patch16")

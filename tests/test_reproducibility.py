@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import models_convmae  # noqa: F401  (registers the models; it imports models_mae and models_vit)
 from util.training import TIMING_FIELDS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

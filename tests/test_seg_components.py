@@ -22,6 +22,7 @@ from mmseg_custom.layer_decay import LayerDecayOptimWrapperConstructor  # noqa: 
 from mmseg_custom.nodule_metric import dice_score, hd95, iou_score, nodule_scores  # noqa: E402
 from mmseg_custom.us_dataset import MaskFormatError, UltrasoundNoduleDataset  # noqa: E402
 from util.pos_embed import resample_pos_embed  # noqa: E402
+import models_convmae  # noqa: E402,F401  (registers the pretraining models)
 from util.registry import pretrain_models  # noqa: E402
 
 register_all_modules()  # mmseg's types, and 'mmseg' as the default scope (as the Runner does)
@@ -277,6 +278,22 @@ def test_unreadable_resume_checkpoint_names_the_previous_intact_one(tmp_path):
     assert unreadable_resume_message(info.value).endswith(
         f'There is no earlier intact checkpoint in {tmp_path}; {tmp_path / "best_mDice_iter_1.pth"} '
         'holds the best weights (no optimizer state): --load-from it starts a new schedule from them.')
+
+
+def test_checkpoints_are_written_atomically_and_a_failed_write_names_the_seg_fix(tmp_path):
+    import mmengine.runner.runner
+    from mmseg_custom.checkpoints import save_checkpoint_atomically
+    from util.checkpoint import CheckpointError
+
+    assert mmengine.runner.runner.save_checkpoint is save_checkpoint_atomically  # Runner's writer
+    save_checkpoint_atomically({'state_dict': {'w': torch.ones(2)}}, str(tmp_path / 'iter_1.pth'))
+    assert os.listdir(tmp_path) == ['iter_1.pth']  # no temporary file left behind
+    assert torch.equal(torch.load(tmp_path / 'iter_1.pth', weights_only=True)['state_dict']['w'],
+                       torch.ones(2))
+    (tmp_path / 'not_a_folder').write_text('')
+    with pytest.raises(CheckpointError, match=r'could not write .*not_a_folder/iter_2\.pth .*'
+                       r'pass a writable --work-dir\) and re-run the same command with --resume'):
+        save_checkpoint_atomically({'state_dict': {}}, str(tmp_path / 'not_a_folder' / 'iter_2.pth'))
 
 
 # ------------------------------------------------------------------ class-weighted loss
@@ -590,6 +607,28 @@ def test_cpu_fallbacks_replace_amp_and_syncbn():
     assert cfg.env_cfg.dist_cfg.backend == 'gloo'
     assert cfg.model_wrapper_cfg.device_ids is None
     assert len(changes) == 3
+
+
+@pytest.mark.parametrize('cores,processes,expected', [(16, '1', 4), (2, '1', 2), (8, '4', 2), (2, '4', 0)])
+def test_data_workers_are_lowered_to_the_cores_of_each_process(cores, processes, expected,
+                                                               monkeypatch):
+    """The published configs ask for 4 workers per loader and process: more than a 2-core machine
+    (or a node's share per GPU process) has."""
+    from mmseg_custom import launch
+
+    monkeypatch.setattr(launch.os, 'sched_getaffinity', lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', processes)
+    cfg = Config.fromfile(DE_CONVMAE_TN3K)
+    changes = launch.fit_workers_to_machine(cfg)
+    keys = ('train_dataloader', 'val_dataloader', 'test_dataloader')
+    assert [cfg[key].num_workers for key in keys] == [expected] * 3
+    assert [cfg[key].persistent_workers for key in keys] == [expected > 0] * 3
+    if expected == 4:
+        assert changes == []
+    else:
+        per = f' shared by {processes} processes on this node' if processes != '1' else ''
+        assert changes == [f'{key}: num_workers 4 -> {expected} ({cores} CPU cores available{per})'
+                           for key in keys]
 
 
 # ------------------------------------------------------------------ TN3K conversion

@@ -1,6 +1,6 @@
 """SEG/tools end to end on CPU: train.py (2 iterations + validation), test.py (table, per-image
-metrics JSON, overlays), --resume (also in a copied work dir), and dist_train.sh / dist_test.sh
-with one process; checkpoints they must refuse. Tiny ConvViT and ViT backbones on 64x64 crops;
+metrics JSON, overlays), --resume (also in a copied work dir, and after a kill -9 inside a
+checkpoint write), and dist_train.sh / dist_test.sh with one process; checkpoints they must refuse. Tiny ConvViT and ViT backbones on 64x64 crops;
 configs inherit the real experiment configs, data made here. The tools run as the published
 commands do: from SEG/, in subprocesses; runs that must stop before training are called in this
 process (no start-up of a new interpreter and mmseg for each)."""
@@ -9,9 +9,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import cv2
 import numpy as np
@@ -96,6 +98,7 @@ def _write_dataset(root):
 
 @pytest.fixture(scope='module')
 def workspace(tmp_path_factory):
+    import models_convmae  # noqa: F401  (registers the pretraining models)
     from util.registry import pretrain_models
 
     base = tmp_path_factory.mktemp('seg_tools')
@@ -353,3 +356,280 @@ def test_checkpoint_whose_pickle_would_run_code_is_refused(entry, workspace, tmp
     assert message.startswith(f'error: {evil}: refused to load: the file pickles objects outside '
                               'the safe allow-list')
     assert not os.path.exists(_RunsCode.marker)
+
+
+# ------------------------------------------------------------------ kill -9 inside a checkpoint write
+# The child runs tools/train.py through this wrapper: once the checkpoint file named PAUSE_SAVE_OF
+# has been written (atomically: the temporary file ``util.fileio.atomic_path`` hands torch.save;
+# or in place, as mmengine's own writer does), it is cut to half its size (what a kill mid-write
+# leaves), the test is signalled and the process sleeps until it is killed.
+PAUSE_IN_SEG_SAVE = """
+import os, runpy, sys, time
+import torch
+from mmengine.fileio.backends import LocalBackend
+target, marker = os.environ['PAUSE_SAVE_OF'], os.environ['PAUSE_MARKER']
+
+def pause_in(path):
+    with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with open(marker, 'w') as f:
+        f.write(path)
+    time.sleep(600)
+
+real_save, real_put = torch.save, LocalBackend.put
+
+def save(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    if os.path.basename(str(f)).startswith('.' + target + '.'):
+        pause_in(str(f))
+
+def put(self, obj, filepath):
+    real_put(self, obj, filepath)
+    if os.path.basename(str(filepath)) == target:
+        pause_in(str(filepath))
+
+torch.save, LocalBackend.put = save, put
+script = sys.argv[1]
+sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+sys.argv = sys.argv[1:]
+runpy.run_path(script, run_name='__main__')
+"""
+
+
+def _killed_inside_the_write_of(name, args, tmp_path):
+    """Run tools/train.py ``args``; kill -9 it while ``name`` is being written. Returns the path
+    of the half-written file."""
+    wrapper, marker, log = tmp_path / 'pause_in_save.py', tmp_path / 'paused', tmp_path / f'{name}.log'
+    wrapper.write_text(PAUSE_IN_SEG_SAVE)
+    marker.unlink(missing_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS='2', PAUSE_SAVE_OF=name, PAUSE_MARKER=str(marker))
+    with open(log, 'w') as out:
+        proc = subprocess.Popen([sys.executable, str(wrapper), 'tools/train.py', *args], cwd=SEG_DIR,
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while not marker.exists():
+            assert proc.poll() is None, f'ended before writing {name}: {log.read_text()[-4000:]}'
+            assert time.time() < deadline, f'timed out waiting for the write of {name}'
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return marker.read_text()
+
+
+def _checkpoints_on_disk(work_dir):
+    """Names of the checkpoint files under their own names, each loaded (a truncated or unsafe
+    file fails here); hidden ``.tmp.pth`` files are what atomic writes cut short leave."""
+    from util.checkpoint import load_checkpoint_file
+
+    names = set()
+    for path in work_dir.glob('[!.]*.pth'):
+        assert 'state_dict' in load_checkpoint_file(str(path)), path
+        names.add(path.name)
+    return names
+
+
+def test_kill_inside_checkpoint_writes_leaves_a_complete_checkpoint_and_resume_continues(
+        workspace, convvit_run, tmp_path):
+    """mmengine deleted the checkpoint it replaces (the previous iter_N.pth with the published
+    max_keep_ckpts=1, the previous best) before writing the new one in place: a kill during the
+    write left a truncated file and nothing to --resume from."""
+    work_dir = tmp_path / 'run'
+    shutil.copytree(convvit_run[0], work_dir)
+    _set_best_score(work_dir / 'iter_2.pth', -1.0)  # iteration 4's validation is a new best
+    args = [str(workspace / 'tiny_convvit.py'), '--work-dir', str(work_dir), '--launcher', 'none',
+            '--resume', '--options', f'data_root={workspace / "data"}', 'train_cfg.max_iters=4']
+
+    half_written = _killed_inside_the_write_of('iter_4.pth', args, tmp_path)
+    assert os.path.basename(half_written).startswith('.iter_4.pth.')  # a hidden temporary file
+    assert _checkpoints_on_disk(work_dir) == {'iter_2.pth', 'best_mDice_iter_2.pth'}
+    # not yet replaced (it still names the copied run's file, which --resume maps into this dir)
+    assert (work_dir / 'last_checkpoint').read_text() == str(convvit_run[0] / 'iter_2.pth')
+
+    half_written = _killed_inside_the_write_of('best_mDice_iter_4.pth', args, tmp_path)
+    assert os.path.basename(half_written).startswith('.best_mDice_iter_4.pth.')
+    # iter_4.pth is complete and recorded; only then was iter_2.pth deleted
+    assert _checkpoints_on_disk(work_dir) == {'iter_4.pth', 'best_mDice_iter_2.pth'}
+    assert (work_dir / 'last_checkpoint').read_text() == str(work_dir / 'iter_4.pth')
+
+    _in_process('train')(args[:-1] + ['train_cfg.max_iters=6'])
+    assert _checkpoints_on_disk(work_dir) == {'iter_6.pth', 'best_mDice_iter_6.pth'}
+    log = max(work_dir.glob('*/*.log')).read_text()
+    assert f'Load checkpoint from {work_dir / "iter_4.pth"}' in log
+    assert re.search(r'Iter\(train\) \[5/6\]', log) and not re.search(r'Iter\(train\) \[[1-4]/6\]', log)
+    assert f'The previous best checkpoint {work_dir / "best_mDice_iter_2.pth"} is removed' in log
+
+
+# ------------------------------------------------------------------ repeatable runs
+# What differs between two runs of the same command is time, and only time: the wall-clock stamp of
+# each log line, the iteration and data-loading times and the ETA derived from them (``time``,
+# ``data_time``, ``eta``; ``memory`` on GPUs), the run's start timestamp (the name of its log
+# folder and files, mmengine's experiment name, ``meta.time`` of a checkpoint), and the wall time
+# TensorBoard stores with every event (its file name carries the time, host and process id).
+TIMESTAMP = re.compile(r'\d{8}_\d{6}')
+TIMED_FIELDS = ('time', 'data_time', 'eta', 'memory')
+LOG_PREFIX = re.compile(r'^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d - ', flags=re.M)
+TIMED_VALUE = re.compile(r'\b(eta|data_time|time|memory): [\d.:]+')
+
+
+def _same(a, b, where):
+    """Equal, recursively: tensors bit for bit, NaN equal to NaN."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), where
+        for key in a:
+            _same(a[key], b[key], f'{where}.{key}')
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f'{where}[{i}]')
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind == 'f'), where
+    elif isinstance(a, float) and np.isnan(a):
+        assert isinstance(b, float) and np.isnan(b), where
+    else:
+        assert type(a) is type(b) and a == b, f'{where}: {a!r} != {b!r}'
+
+
+def _untimed_checkpoint(path):
+    if SEG_DIR not in sys.path:
+        sys.path.append(SEG_DIR)
+    import mmseg_compat  # noqa: F401  (lets torch read mmengine's message hub with weights_only)
+    from util.checkpoint import load_checkpoint_file
+
+    ckpt = load_checkpoint_file(str(path))
+    for key in ('time', 'experiment_name'):
+        ckpt['meta'].pop(key)
+    hub = ckpt['message_hub']
+    for key in ('eta', 'experiment_name'):
+        hub['runtime_info'].pop(key)
+        hub['resumed_keys'].pop(key)
+    hub['log_scalars'] = {key: buffer.data for key, buffer in hub['log_scalars'].items()
+                          if key.rsplit('/', 1)[-1] not in TIMED_FIELDS}
+    return ckpt
+
+
+def _untimed_log(path):
+    text = TIMED_VALUE.sub(r'\1: -', LOG_PREFIX.sub('', path.read_text()))
+    return TIMESTAMP.sub('<timestamp>', text)
+
+
+def _untimed_json_lines(path):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMED_FIELDS}
+            for line in path.read_text().splitlines()]
+
+
+def _tensorboard_scalars(path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(path))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()['scalars'] if tag.rsplit('/', 1)[-1] not in TIMED_FIELDS}
+
+
+def _run_files(folder):
+    """relative path (timestamps and TensorBoard's host/pid suffix replaced) -> file."""
+    files = {}
+    for path in sorted(folder.rglob('*')):
+        if path.is_file():
+            name = TIMESTAMP.sub('<timestamp>', str(path.relative_to(folder)))
+            files[re.sub(r'events\.out\.tfevents\..*', 'events.out.tfevents', name)] = path
+    return files
+
+
+def _assert_same_run(first, second):
+    """Every file of two runs: equal apart from the time fields above; returns the names."""
+    files, other = _run_files(first), _run_files(second)
+    assert list(files) == list(other)
+    for name, path in files.items():
+        if name.endswith('.pth'):
+            _same(_untimed_checkpoint(path), _untimed_checkpoint(other[name]), name)
+        elif name.endswith('.log'):
+            assert _untimed_log(path) == _untimed_log(other[name]), name
+        elif name.endswith('/scalars.json') or name.endswith('/<timestamp>.json'):
+            _same(_untimed_json_lines(path), _untimed_json_lines(other[name]), name)
+        elif name.endswith('events.out.tfevents'):
+            _same(_tensorboard_scalars(path), _tensorboard_scalars(other[name]), name)
+        else:  # metrics JSON, config dumps, last_checkpoint
+            assert path.read_bytes() == other[name].read_bytes(), name
+    return list(files)
+
+
+def test_the_same_command_twice_gives_the_same_checkpoints_logs_and_metrics(workspace, tmp_path):
+    """tools/train.py (4 iterations, validation every 2, two data workers) then tools/test.py,
+    run twice with the same seed in the same work dir, compared file by file. Before, the configs
+    set no seed: mmengine drew a new one per run, and no two runs gave the same weights."""
+    work_dir = tmp_path / 'run'
+
+    def run_then_test():
+        _train(workspace, 'tiny_convvit.py', work_dir, f'model.pretrained={workspace / "dconvmae.pth"}',
+               'train_cfg.max_iters=4', 'train_dataloader.num_workers=2',
+               'train_dataloader.persistent_workers=True', '--seed', '5')
+        _test(workspace, 'tiny_convvit.py', work_dir / 'iter_4.pth', work_dir / 'test')
+
+    run_then_test()
+    first = work_dir.rename(tmp_path / 'first')
+    run_then_test()
+    names = _assert_same_run(first, work_dir)
+    assert any(re.fullmatch(r'best_mDice_iter_[24]\.pth', name) for name in names)
+    assert {'iter_4.pth', 'per_image_metrics_val.json',
+            'test/per_image_metrics.json', '<timestamp>/<timestamp>.log',
+            '<timestamp>/vis_data/scalars.json', '<timestamp>/vis_data/events.out.tfevents',
+            'test/<timestamp>/<timestamp>.log', 'test/<timestamp>/<timestamp>.json'} <= set(names)
+    checkpoint = _untimed_checkpoint(work_dir / 'iter_4.pth')
+    assert checkpoint['meta']['seed'] == 5 and checkpoint['meta']['iter'] == 4
+
+
+def _runner_built_by_train_py(workspace, work_dir, monkeypatch, *args, inspect):
+    """tools/train.py in this process up to its runner (``inspect(runner)`` instead of training)."""
+    main = _in_process('train')
+    monkeypatch.setattr(sys.modules['mmseg_custom.launch'].SegRunner, 'train', inspect)
+    main([str(workspace / 'tiny_convvit.py'), '--work-dir', str(work_dir), '--launcher', 'none',
+          *args, '--options', f'data_root={workspace / "data"}'])
+
+
+def test_deterministic_flag_sets_every_switch_and_a_resume_keeps_them(workspace, tmp_path, monkeypatch):
+    """--deterministic: CUBLAS_WORKSPACE_CONFIG before CUDA starts, cuDNN deterministic without
+    benchmark, deterministic algorithms where they exist; UPerNet's backward on CUDA has ops without
+    one (adaptive average pooling, bilinear up-sampling), which warn instead of stopping the run,
+    also after a resume re-seeds (mmengine re-applies its strict setting then)."""
+    monkeypatch.delenv('CUBLAS_WORKSPACE_CONFIG', raising=False)
+    seen = {}
+
+    def inspect(runner):
+        seen['seed'] = runner.seed
+        runner.set_randomness(7, deterministic=True)  # what mmengine's resume does on another seed
+        seen.update(
+            cublas=os.environ.get('CUBLAS_WORKSPACE_CONFIG'),
+            algorithms=torch.are_deterministic_algorithms_enabled(),
+            warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
+            cudnn=(torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark),
+            env_benchmark=runner.cfg.env_cfg.cudnn_benchmark)
+
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        _runner_built_by_train_py(workspace, tmp_path / 'run', monkeypatch, '--deterministic',
+                                  '--seed', '3', inspect=inspect)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, benchmark
+    assert seen == dict(cublas=':4096:8', seed=3, algorithms=True, warn_only=True,
+                        cudnn=(True, False), env_benchmark=False)
+
+
+def test_train_py_lowers_data_workers_to_the_cores_and_logs_it(workspace, tmp_path, monkeypatch):
+    _in_process('train')  # puts SEG/ on sys.path
+    from mmseg_custom.launch import available_cores
+
+    for variable in ('LOCAL_WORLD_SIZE', 'OMPI_COMM_WORLD_LOCAL_SIZE'):
+        monkeypatch.delenv(variable, raising=False)
+    cores, seen = available_cores(), []
+    _runner_built_by_train_py(
+        workspace, tmp_path / 'run', monkeypatch, '--options', f'train_dataloader.num_workers={cores + 3}',
+        inspect=lambda runner: seen.append(runner.cfg.train_dataloader.num_workers))
+    assert seen == [cores]
+    log = max((tmp_path / 'run').glob('*/*.log')).read_text()
+    assert f'train_dataloader: num_workers {cores + 3} -> {cores} ({cores} CPU cores available)' in log

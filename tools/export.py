@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import models_convmae  # noqa: E402,F401  (registers the ConvMAE models)
 from models_mae import MaskedAutoencoderViT, is_deblurring_model  # noqa: E402
 from models_vit import FIRST_PATCH  # noqa: E402
 from util.checkpoint import (FIRST_CONV_KEYS, SAFETENSORS_ARGS_KEY, CheckpointError,  # noqa: E402

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# All GPU measurements of docs/performance.md in one command, sized for a 10-minute device call:
+# All GPU measurements of docs/performance.md in one command, finishing within 10 minutes:
 #
-#   bash tools/gpu_check.sh [OUT_DIR]        (default: $OUT when set, else ./gpu_out)
+#   bash tools/gpu_check.sh [OUT_DIR]        (default: ./gpu_out)
 #
 # 1. what the machine is (GPU, driver, torch, timm);
 # 2. the model step of both base models, bf16 + fused AdamW, eager and compiled (suite set "quick");
@@ -9,14 +9,14 @@
 #    loader feeding the compiled step (suite set "data"; 4096 grey 512x512 PNGs made first).
 # Each suite has its own time budget, so the whole script ends within ~9.5 minutes even when
 # compiling is slow; what did not fit is listed as skipped in its results.md. The remaining levers
-# (published fp16 configuration, channels_last, max-autotune) are the set "levers": run it in a
-# second call on the same warm machine (the inductor cache then makes its compiled runs faster):
+# (published fp16 configuration, channels_last, max-autotune) are the set "levers": run it
+# second on the same machine (the inductor cache then makes its compiled runs faster):
 #
-#   python3 tools/benchmark_suite.py --set levers --out "$OUT/levers" --budget_s 500
+#   python3 tools/benchmark_suite.py --set levers --out gpu_out/levers --budget_s 500
 #
-# Seven files come back: gpu.txt and, per suite, results.md / results.jsonl / runs.log.
+# Seven files are written: gpu.txt and, per suite, results.md / results.jsonl / runs.log.
 set -u
-out="${1:-${OUT:-gpu_out}}"
+out="${1:-gpu_out}"
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1

@@ -25,10 +25,18 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-# the method names, SRAD defaults and command-line options live in a module without OpenCV, so that the
-# scripts build their --help without it
-from util.blur_options import (DEFAULT_SRAD_ITERATIONS, DEFAULT_SRAD_TIME_STEP, METHODS,  # noqa: F401
+# the method names, SRAD defaults, ``--blur none`` and the command-line options live in a module without
+# OpenCV, so that the scripts build their --help without it
+from util.blur_options import (DEFAULT_SRAD_ITERATIONS, DEFAULT_SRAD_TIME_STEP, METHODS, NO_BLUR,  # noqa: F401
                                add_blur_arguments)
+
+# The settings each method uses: what a checkpoint or a blurred copy records, and what two blurs are
+# compared on (an unused kernel_size does not make two Gaussian blurs differ).
+PARAMETERS = {"gaussian": ("sigma",), "mean": ("kernel_size",), "median": ("kernel_size",),
+              "motion": ("kernel_size", "seed"), "defocus": ("kernel_size",),
+              "srad": ("srad_iterations", "srad_time_step")}
+# The settings file blurred_images.py writes at the top of a blurred copy (util/provenance.py).
+BLUR_SETTINGS_FILE = "blur.json"
 
 SUPPORTED_DTYPES = (np.uint8, np.uint16, np.float32)
 SRAD_SPECKLE_DECAY_RATE = 1.0 / 6.0  # rho in the paper's q0(t) = q0 exp(-rho t)
@@ -67,6 +75,18 @@ class BlurSpec:
             raise ValueError(f"SRAD time step must be in (0, 1] for a stable diffusion, got {self.srad_time_step}")
         if self.seed < 0:
             raise ValueError(f"blur seed must be >= 0, got {self.seed}")
+
+    def settings(self) -> dict:
+        """The method and the settings it uses, as plain values (JSON, checkpoints)."""
+        return {"method": self.method, **{name: getattr(self, name) for name in PARAMETERS[self.method]}}
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> "BlurSpec":
+        """The inverse of :meth:`settings`; other keys are ignored, missing settings take the defaults."""
+        method = settings.get("method")
+        if method not in METHODS:
+            raise ValueError(f"unknown blur method {method!r}; choose one of {', '.join(METHODS)}")
+        return cls(method=method, **{name: settings[name] for name in PARAMETERS[method] if name in settings})
 
     def describe(self) -> str:
         """Short human-readable form naming only the settings the method uses."""
@@ -225,7 +245,7 @@ def _restore_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def blur_spec_from_args(args: argparse.Namespace, prefix: str = "") -> BlurSpec | None:
     """The BlurSpec the options added by :func:`add_blur_arguments` describe; None when blur is off."""
     method = getattr(args, f"{prefix}method")
-    if method is None:
+    if method in (None, NO_BLUR):
         return None
     return BlurSpec(
         method=method,

@@ -1,4 +1,4 @@
-"""The blur's method names, SRAD defaults and command-line options, without OpenCV or numpy.
+"""The blur's method names, SRAD defaults, ``--blur none`` and command-line options, without OpenCV or numpy.
 
 util/blur.py holds the filters and re-exports these names; they live here so that the scripts can
 build their ``--help`` (and check their arguments) without importing the image libraries.
@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 
 METHODS = ("gaussian", "mean", "median", "motion", "defocus", "srad")
+# ``--blur none`` in the training scripts and tools: no blur, whatever a checkpoint recorded.
+NO_BLUR = "none"
 
 # SRAD defaults: the explicit scheme is stable for time steps up to 1 (see util/blur.py _srad_step).
 # 20 steps of 0.25 (diffusion time 5) reduce fully developed speckle about as much as the default
@@ -28,8 +30,11 @@ def add_blur_arguments(parser: argparse.ArgumentParser, prefix: str = "", method
     Read them back with :func:`blur_spec_from_args` and the same ``prefix``.
     """
     group = parser.add_argument_group("blur")
-    off = "" if default_method else " (default: no blur)"
-    group.add_argument(method_flag, dest=f"{prefix}method", default=default_method, choices=METHODS,
+    off = "" if default_method else (" (default: no blur; fine-tuning, linear probing and the reconstruction tool "
+                                     "apply the blur their checkpoint records, and "
+                                     f"'{NO_BLUR}' turns that off)")
+    choices = METHODS if default_method else METHODS + (NO_BLUR,)
+    group.add_argument(method_flag, dest=f"{prefix}method", default=default_method, choices=choices,
                        help=f"blur method{off}")
     group.add_argument(f"--{prefix}sigma", type=float, default=1.1,
                        help="gaussian: standard deviation in pixels; kernel size follows from it (default: 1.1)")

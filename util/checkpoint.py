@@ -26,7 +26,6 @@ import os
 import pickle
 import re
 import shutil
-import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -89,13 +88,15 @@ def load_checkpoint_file(path: Union[str, os.PathLike], map_location="cpu") -> d
     except PermissionError as err:
         raise CheckpointError(f"{path}: cannot read it ({err.strerror}). Check its permissions.") from None
     except pickle.UnpicklingError as err:
-        disallowed = re.search(r"GLOBAL ([\w.]+)", str(err))
+        # a global outside the allow-list, or an attribute lookup the allow-listed getattr refuses
+        # (SEG/mmseg_compat.py's restricted getattr for mmengine's HistoryBuffer)
+        disallowed = re.search(r"GLOBAL ([\w.]+)|refused (getattr\([^)]*\))", str(err))
         if disallowed is None:  # bytes the unpickler does not understand (torch's text would blame safety)
             raise _corrupt(path, "its pickled data is damaged") from None
         raise CheckpointError(
             f"{path}: refused to load: the file pickles objects outside the safe allow-list "
             f"(only tensors, containers and argparse.Namespace are accepted; it holds "
-            f"{disallowed.group(1)}). Loading it would run arbitrary code. If you trust its origin, re-save "
+            f"{disallowed.group(1) or disallowed.group(2)}). Loading it would run arbitrary code. If you trust its origin, re-save "
             f"only its weights (torch.save({{'model': state_dict}}, ...)) and pass that file.") from None
     except Exception as err:  # a damaged archive or pickle fails with whatever the reader hits first
         detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -181,12 +182,16 @@ def load_auto_resume_checkpoint(path: str) -> dict:
         raise CheckpointError(f"{str(err).removesuffix(' Copy or download it again.')} {advice}") from None
 
 
-def save_checkpoint(obj: dict, path: Union[str, os.PathLike]) -> None:
+RERUN_HINT = "(or pass a writable --output_dir) and re-run the same command with --auto_resume"
+
+
+def save_checkpoint(obj: dict, path: Union[str, os.PathLike], rerun_hint: str = RERUN_HINT) -> None:
     """Write atomically: a crash mid-write leaves the previous file intact, never a partial one.
 
     A failed write (disk full, quota, read-only or vanished folder) is a CheckpointError naming the
     file: torch.save reports a full disk as a bare ``RuntimeError: [enforce fail at
-    inline_container.cc] unexpected pos ...``, which tells a user nothing.
+    inline_container.cc] unexpected pos ...``, which tells a user nothing. ``rerun_hint``: how to
+    continue, in the words of the calling tool's flags.
     """
     try:
         atomic_save(obj, path)
@@ -200,7 +205,7 @@ def save_checkpoint(obj: dict, path: Union[str, os.PathLike]) -> None:
         raise CheckpointError(
             f"could not write {path} ({type(err).__name__}: {detail}; {free}). The disk is probably full "
             f"or the folder read-only; the previous {os.path.basename(path)}, if any, is intact. Free space "
-            f"(or pass a writable --output_dir) and re-run the same command with --auto_resume.") from err
+            f"{rerun_hint}.") from err
 
 
 def extract_state_dict(ckpt: Mapping, source: str = "checkpoint") -> Dict[str, torch.Tensor]:
@@ -255,7 +260,7 @@ def _grid_of(model: nn.Module):
     return tuple(grid)
 
 
-def _adapt_tensor(name, value, target: nn.Parameter, model, report, drop_prefixes):
+def _adapt_tensor(name, value, target: nn.Parameter, model, report, drop_prefixes, hint: str):
     """Return the tensor to load for ``name``, or None to leave the model's value."""
     if value.shape == target.shape:
         report.loaded.append(name)
@@ -280,15 +285,18 @@ def _adapt_tensor(name, value, target: nn.Parameter, model, report, drop_prefixe
         return None
     raise CheckpointError(f"{report.source}: '{name}' has shape {tuple(value.shape)} in the checkpoint "
                           f"but {tuple(target.shape)} in the model: the checkpoint is of another "
-                          f"architecture or size. Check --model (and --nb_classes / --input_size).")
+                          f"architecture or size; {hint}.")
 
 
 def load_weights(model: nn.Module, source: Union[str, os.PathLike, Mapping], *,
                  allowed_missing: Sequence[str] = (), allow_unexpected: bool = True,
-                 drop_mismatched: Iterable[str] = (), source_name: Optional[str] = None) -> LoadReport:
+                 drop_mismatched: Iterable[str] = (), source_name: Optional[str] = None,
+                 hint: str = "check --model (and --nb_classes / --input_size)") -> LoadReport:
     """Load ``source`` (a path, a checkpoint dict or a state dict) into ``model``.
 
     ``source_name``: how errors and the report name a dict ``source`` (the file it was read from).
+    ``hint``: what the error of a checkpoint of another architecture tells the user to check (the
+    setting that chose the model: ``--model`` for the scripts, a config key for the segmentation side).
 
     ``allowed_missing``: key prefixes that may be absent (e.g. ``('head.', 'fc_norm.')`` when
     fine-tuning from a pretraining checkpoint); any other missing key is an error.
@@ -311,15 +319,14 @@ def load_weights(model: nn.Module, source: Union[str, os.PathLike, Mapping], *,
     if bad_missing:
         raise CheckpointError(
             f"{name}: {len(bad_missing)} weights of the model are missing from the checkpoint "
-            f"(first: {', '.join(bad_missing[:6])}). It was made for another architecture; "
-            f"check --model.")
+            f"(first: {', '.join(bad_missing[:6])}). It was made for another architecture; {hint}.")
     if report.unexpected and not allow_unexpected:
         raise CheckpointError(f"{name}: unexpected weights {', '.join(report.unexpected[:6])}: the "
-                              "checkpoint is of another architecture; check --model.")
+                              f"checkpoint is of another architecture; {hint}.")
     to_load = {}
     for key, value in state.items():
         if key in targets:
-            new_value = _adapt_tensor(key, value, targets[key], model, report, drop_mismatched)
+            new_value = _adapt_tensor(key, value, targets[key], model, report, drop_mismatched, hint)
             if new_value is not None:
                 to_load[key] = new_value
     model.load_state_dict(to_load, strict=False)

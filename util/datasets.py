@@ -44,10 +44,11 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.layers import to_2tuple
 from torch.utils.data import Dataset, Sampler
 
-from util.blur import BlurSpec, blur_key
-from util.image_io import (UnreadableImageError, blurred_copy_names, describe_not_images, image_frames,
+from util.blur import BLUR_SETTINGS_FILE, BlurSpec, blur_key
+from util.image_io import (DatasetError, UnreadableImageError, blurred_copy_names, describe_not_images, image_frames,
                            is_dicom_file, list_images, read_image, scan_images, stored_in_colour, to_grey)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -62,10 +63,6 @@ MAX_SUBSTITUTES = 16
 DECODE_VERSION = 2
 # Colour census at start: files whose header is read (all of them up to this many, else a sample).
 COLOUR_CENSUS_FILES = 2000
-
-
-class DatasetError(RuntimeError):
-    """The dataset folder cannot be used as given; the message names the folder and the fix."""
 
 
 # ------------------------------------------------------------------------------ indexing
@@ -84,8 +81,8 @@ def index_items(root: str, not_images: Optional[List[str]] = None) -> List[Tuple
     contributes each of its frames. The paths of the other files met are added to ``not_images``."""
     items = []
     scan = scan_images(root)
-    if not_images is not None:
-        not_images.extend(os.path.join(root, rel) for rel in scan.not_images)
+    if not_images is not None:  # a blurred copy's settings file is part of the copy, not a stray file
+        not_images.extend(os.path.join(root, rel) for rel in scan.not_images if rel != BLUR_SETTINGS_FILE)
     for rel in scan.images:
         try:
             frames = image_frames(os.path.join(root, rel))
@@ -282,7 +279,7 @@ class PretrainDataset(Dataset):
             raise ValueError("use either a blurred copy (orig_root) or on-the-fly blur, not both")
         if keep_channels and in_chans == 1:
             raise ValueError("keep_channels keeps colour, which a 1-channel model cannot take; use in_chans=3")
-        self.size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        self.size = to_2tuple(input_size)
         self.in_chans, self.train, self.strict, self.blur = in_chans, train, strict, blur
         self.keep_channels, self.seed = keep_channels, seed
         index_root = orig_root or root
@@ -438,7 +435,7 @@ class SeededSampler(Sampler):
 def limit_worker_threads(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: one OpenCV thread per worker. Each worker is already one of
     many parallel decoders; OpenCV's own pool inside each of them only oversubscribes the cores
-    (suspected cause of the low per-worker rate in ../shared/PERFORMANCE.md)."""
+    (suspected cause of the low per-worker rate of the published pipeline, docs/performance.md)."""
     import cv2
     cv2.setNumThreads(1)
 

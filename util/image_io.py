@@ -83,6 +83,11 @@ class FrameIndexError(IndexError):
     """A frame number outside a file's frames was requested (a caller's mistake, not a bad file)."""
 
 
+class DatasetError(RuntimeError):
+    """The dataset folder cannot be used as given; the message names the folder and the fix.
+    (Here, not in util/datasets.py, so that tools which only read images need not import torch.)"""
+
+
 class UnreadableImageError(Exception):
     """An image file exists but cannot be decoded (empty, truncated, not an image, unsupported,
     too large). ``advice`` says what to do; by default: the file is damaged, re-export it."""

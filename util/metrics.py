@@ -701,17 +701,11 @@ def gather_unique_predictions(indices, labels, probs, dataset_size: int | None =
     probs = _to_numpy(probs).astype(np.float64)
     if probs.ndim != 2:
         raise ValueError(f"probs must have shape (N, C); got {probs.shape}")
-    if _distributed_world_size() > 1:
+    from util.distributed import get_world_size  # torch only when predictions are gathered
+
+    if get_world_size() > 1:
         indices, labels, probs = _all_gather_rows(indices, labels, probs)
     return unique_predictions(indices, labels, probs, dataset_size)
-
-
-def _distributed_world_size() -> int:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
 
 
 def _all_gather_rows(indices: np.ndarray, labels: np.ndarray, probs: np.ndarray

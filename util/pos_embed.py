@@ -8,7 +8,7 @@ frequencies 1 / 10000 ** (k / (D/4)). Grids may be non-square; tokens are in row
 from __future__ import annotations
 
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed, to_2tuple
 
 
 def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -23,7 +23,7 @@ def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size, cls_token: bool = False) -> torch.Tensor:
     """Return a float32 tensor (gh*gw [+1], embed_dim); with ``cls_token`` a zero first row."""
-    gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+    gh, gw = to_2tuple(grid_size)
     if embed_dim % 4:
         raise ValueError(f"2-D sin-cos embedding needs embed_dim divisible by 4, got {embed_dim}")
     rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")

@@ -483,7 +483,7 @@ def append_log(out_dir, log, writer, epoch):
 
 def plain_args(args) -> dict:
     """Settings recorded in checkpoints (plain types only: loadable with weights_only=True)."""
-    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))}
 
 
 def own_message(err: Exception) -> str:

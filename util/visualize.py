@@ -18,9 +18,8 @@ def reconstruction_panels(model, inputs: torch.Tensor, targets: torch.Tensor, me
                           std: torch.Tensor, mask_ratio: float = 0.75,
                           noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(N, 4, C, H, W) in [0, 1]: input, masked input, reconstruction (visible patches pasted from
-    the input, as MAE shows it), target. Inputs/targets are normalised model inputs."""
-    model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)
+    the input, as MAE shows it), target. Inputs/targets are normalised model inputs; ``model`` is the
+    bare model (not the DDP-wrapped or compiled one: its methods ``patchify`` / ``unpatchify`` are used)."""
     _, pred, mask = model(inputs, targets, mask_ratio=mask_ratio, noise=noise)
     pred = pred.float()
     if model.norm_pix_loss:

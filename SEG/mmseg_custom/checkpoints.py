@@ -16,20 +16,35 @@ they do not fit the segmentor.
 * ``WorkDirCheckpointHook``: mmengine's ``CheckpointHook`` deletes the previous best checkpoint by
   the absolute path recorded in the resumed checkpoint, i.e. possibly in another work dir. This one
   only ever replaces a best checkpoint inside its own folder.
+* Writing: mmengine writes a checkpoint in place, and ``CheckpointHook`` deletes the checkpoint it
+  replaces (the previous ``iter_N.pth`` beyond ``max_keep_ckpts``, the previous best) *before*
+  writing the new one. With the published ``max_keep_ckpts=1`` a kill during the write left no
+  intact ``iter_N.pth`` to ``--resume`` from. Here every local checkpoint is written atomically
+  (``util.checkpoint.save_checkpoint``: temporary file in the same folder, fsync, rename),
+  ``last_checkpoint`` is replaced atomically once the checkpoint it names is complete, and only
+  then are the replaced checkpoints deleted. At every moment the work dir holds a complete
+  checkpoint that ``last_checkpoint`` names.
 """
 from __future__ import annotations
 
+import functools
 import os
 import os.path as osp
 import re
-from typing import List, Mapping, Optional, Tuple
+import shutil
+from typing import Dict, List, Mapping, Optional, Tuple
 
+import mmengine.runner
+import mmengine.runner.checkpoint
+import mmengine.runner.runner
+from mmengine.dist import is_main_process
 from mmengine.hooks import CheckpointHook, Hook
 from mmengine.model import is_model_wrapper
 from mmengine.runner.checkpoint import CheckpointLoader
 from mmseg.registry import HOOKS
 
-from util.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file
+from util.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, save_checkpoint
+from util.fileio import atomic_write_text
 
 LAST_CHECKPOINT_FILE = 'last_checkpoint'
 NUMBERED_CHECKPOINT = re.compile(r'^(iter|epoch)_(\d+)\.pth$')
@@ -61,6 +76,41 @@ def load_from_local(filename: str, map_location=None) -> dict:
 def install_checkpoint_loader() -> None:
     """Make ``load_from_local`` mmengine's loader for paths without a URL scheme."""
     CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
+
+
+# ------------------------------------------------------------------------------ writing
+SEG_RERUN_HINT = '(or pass a writable --work-dir) and re-run the same command with --resume'
+# mmengine's own writer, kept for remote storage (``s3://``, ``pavi://``, a backend_args backend)
+_mmengine_save_checkpoint = getattr(mmengine.runner.checkpoint.save_checkpoint, '__wrapped__',
+                                    mmengine.runner.checkpoint.save_checkpoint)
+
+
+@functools.wraps(_mmengine_save_checkpoint)
+def save_checkpoint_atomically(checkpoint, filename, file_client_args=None, backend_args=None):
+    """mmengine's ``save_checkpoint``; a local file is written atomically, and a failed write (disk
+    full, read-only folder) is a ``CheckpointError`` naming the file."""
+    if file_client_args is not None or backend_args is not None or '://' in str(filename):
+        return _mmengine_save_checkpoint(checkpoint, filename, file_client_args=file_client_args,
+                                         backend_args=backend_args)
+    return save_checkpoint(checkpoint, filename, rerun_hint=SEG_RERUN_HINT)
+
+
+def install_atomic_checkpoint_writer() -> None:
+    """Make ``save_checkpoint_atomically`` the writer of ``Runner.save_checkpoint`` (which calls
+    the name it imported into ``mmengine.runner.runner``) and of mmengine's public name."""
+    for module in (mmengine.runner.runner, mmengine.runner.checkpoint, mmengine.runner):
+        module.save_checkpoint = save_checkpoint_atomically
+
+
+def remove_checkpoint(path: str) -> bool:
+    """Delete a checkpoint file (or a checkpoint folder, as deepspeed writes); False if absent."""
+    if osp.isfile(path) or osp.islink(path):
+        os.remove(path)  # a link: only the link, never what it points to
+        return True
+    if osp.isdir(path):
+        shutil.rmtree(path)
+        return True
+    return False
 
 
 def is_intact(path: str) -> bool:
@@ -203,18 +253,82 @@ def own_checkpoint(path: str, out_dir: str, log=print) -> Optional[str]:
 class WorkDirCheckpointHook(CheckpointHook):
     """mmengine's ``CheckpointHook`` that replaces (deletes) a previous best checkpoint only inside
     its own folder. A resumed run inherits the best checkpoint's absolute path from the checkpoint
-    it resumed; a path elsewhere becomes the file of the same name here, or nothing."""
+    it resumed; a path elsewhere becomes the file of the same name here, or nothing. Checkpoints
+    it replaces are deleted only once their successor is complete (see the module's notes)."""
 
     def before_train(self, runner) -> None:
         super().before_train(runner)
         self._keep_best_inside(runner)
 
     def _save_best_checkpoint(self, runner, metrics) -> None:
+        """mmengine's, but the previous best is deleted after the new one is complete: mmengine
+        deletes the path it holds before writing, so that path is hidden from it meanwhile."""
         self._keep_best_inside(runner)
-        super()._save_best_checkpoint(runner, metrics)
+        if not self.save_best or self._remote():
+            super()._save_best_checkpoint(runner, metrics)
+            return
+        previous = self._best_paths()
+        self._set_best_paths(dict.fromkeys(previous))
+        try:
+            super()._save_best_checkpoint(runner, metrics)
+        finally:
+            written = self._best_paths()
+            self._set_best_paths({key: written[key] or previous[key] for key in previous})
+        for key, old in previous.items():
+            if old and written[key] and written[key] != old and is_main_process():
+                if remove_checkpoint(old):
+                    runner.logger.info(f'The previous best checkpoint {old} is removed')
+
+    def _save_checkpoint_with_step(self, runner, step, meta) -> None:
+        """mmengine's, in an order that keeps a complete checkpoint named by ``last_checkpoint``
+        on disk at every moment: the new checkpoint (atomically), then ``last_checkpoint``
+        (atomically), then the deletion of checkpoints beyond ``max_keep_ckpts``."""
+        if self._remote():
+            super()._save_checkpoint_with_step(runner, step, meta)
+            return
+        outdated = self._keep_step(runner, step)
+        filename = self.filename_tmpl.format(step)
+        self.last_ckpt = self.file_backend.join_path(self.out_dir, filename)
+        runner.message_hub.update_info('last_ckpt', self.last_ckpt)
+        runner.save_checkpoint(
+            self.out_dir, filename, self.file_client_args, save_optimizer=self.save_optimizer,
+            save_param_scheduler=self.save_param_scheduler, meta=meta, by_epoch=self.by_epoch,
+            backend_args=self.backend_args, **self.args)
+        if not is_main_process():
+            return
+        atomic_write_text(osp.join(runner.work_dir, LAST_CHECKPOINT_FILE), self.last_ckpt)
+        for old_step in outdated:
+            remove_checkpoint(osp.join(self.out_dir, self.filename_tmpl.format(old_step)))
+
+    def _keep_step(self, runner, step) -> List[int]:
+        """Record ``step`` among the kept checkpoints (as mmengine does); return the steps whose
+        checkpoints it pushes out of ``max_keep_ckpts`` (deleted once ``step``'s is written)."""
+        if self.max_keep_ckpts <= 0 or (self.keep_ckpt_ids and self.keep_ckpt_ids[-1] == step):
+            return []  # keep all, or the same step saved again (after a new best)
+        outdated = []
+        if len(self.keep_ckpt_ids) == self.max_keep_ckpts:
+            outdated.append(self.keep_ckpt_ids.popleft())
+        self.keep_ckpt_ids.append(step)
+        runner.message_hub.update_info('keep_ckpt_ids', list(self.keep_ckpt_ids))
+        return outdated
+
+    def _remote(self) -> bool:
+        return '://' in str(self.out_dir)
+
+    def _best_paths(self) -> Dict[Optional[str], Optional[str]]:
+        """Path of the best checkpoint per key indicator (key None: one indicator)."""
+        if len(self.key_indicators) == 1:
+            return {None: self.best_ckpt_path}
+        return dict(self.best_ckpt_path_dict)
+
+    def _set_best_paths(self, paths: Mapping[Optional[str], Optional[str]]) -> None:
+        if len(self.key_indicators) == 1:
+            self.best_ckpt_path = paths[None]
+        else:
+            self.best_ckpt_path_dict.update(paths)
 
     def _keep_best_inside(self, runner) -> None:
-        if '://' in str(self.out_dir):
+        if self._remote():
             return  # remote storage: no local paths to compare
         if getattr(self, 'best_ckpt_path', None):
             self.best_ckpt_path = self._own_copy(runner, self.best_ckpt_path)
@@ -229,3 +343,4 @@ class WorkDirCheckpointHook(CheckpointHook):
 
 
 install_checkpoint_loader()
+install_atomic_checkpoint_writer()

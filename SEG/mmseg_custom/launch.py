@@ -7,9 +7,14 @@ the command line and to the machine.
   ``data_root`` into each dataset when the file is read, so overriding only the top-level key
   would change nothing. A split's own ``data_root`` given on the command line
   (``train_dataloader.dataset.data_root=...``, the mmseg way) is kept.
-* Checkpoints: mmengine's ``CheckpointHook`` becomes ``WorkDirCheckpointHook`` (never deletes
-  outside the work dir), and a checkpoint to load or resume is checked against the segmentor
+* Checkpoints: mmengine's ``CheckpointHook`` becomes ``WorkDirCheckpointHook`` (writes atomically,
+  deletes a replaced checkpoint only after the new one is complete and never outside the work
+  dir), and a checkpoint to load or resume is checked against the segmentor
   (``mmseg_custom/checkpoints.py``).
+* Repeatable runs: the configs fix ``randomness.seed`` (0); ``randomness.deterministic=True``
+  (train.py ``--deterministic``) also selects deterministic algorithms (``use_determinism``).
+* Data workers: no data loader asks for more worker processes than this process's share of the
+  CPU cores it may run on (``fit_workers_to_machine``); the log says when a count is lowered.
 * Without a GPU the same config runs: AmpOptimWrapper (which asserts a GPU) becomes OptimWrapper,
   SyncBN becomes BN, distributed runs use gloo and an unpinned DDP wrapper. On a GPU without
   bf16 support, bf16 autocast becomes fp16 with loss scaling.
@@ -173,6 +178,45 @@ def adapt_to_machine(cfg: Config) -> List[str]:
     return changes
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a batch scheduler's or container's
+    allotment, not the whole machine)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on macOS / Windows
+        return os.cpu_count() or 1
+
+
+def processes_per_node() -> int:
+    """Training processes sharing this node's cores (torchrun sets LOCAL_WORLD_SIZE)."""
+    for variable in ('LOCAL_WORLD_SIZE', 'OMPI_COMM_WORLD_LOCAL_SIZE'):
+        value = os.environ.get(variable, '')
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def fit_workers_to_machine(cfg: Config) -> List[str]:
+    """Lower each data loader's ``num_workers`` to this process's share of the cores; return one
+    line per change. The published configs ask for 4 per GPU; on a 2-core machine 4 workers (x2
+    loaders with persistent workers) only compete for the cores and slow the run down."""
+    cores, processes = available_cores(), processes_per_node()
+    share = cores // processes
+    changes = []
+    for key in dataloader_keys(cfg):
+        loader = cfg[key]
+        asked = int(loader.get('num_workers', 0))
+        if asked <= share:
+            continue
+        loader['num_workers'] = share
+        if share == 0:  # loading in the main process: options that need workers go
+            loader['persistent_workers'] = False
+            loader.pop('prefetch_factor', None)
+        per = f' shared by {processes} processes on this node' if processes > 1 else ''
+        changes.append(f'{key}: num_workers {asked} -> {share} ({cores} CPU cores available{per})')
+    return changes
+
+
 def init_distributed_without_gpu(cfg: Config) -> None:
     """mmengine's pytorch launcher calls torch.cuda.set_device, which fails without a GPU; on such
     a machine the process group is opened here (gloo, from torchrun's environment) and mmengine,
@@ -191,15 +235,46 @@ def use_checkpoint_safeguards(cfg: Config) -> None:
             dict(type='SegmentorCheckpointCheckHook', checkpoint=cfg.load_from)]
 
 
+CUBLAS_WORKSPACE = ':4096:8'  # a fixed cuBLAS workspace: what deterministic GEMMs on CUDA need
+
+
+def use_determinism(cfg: Config) -> List[str]:
+    """With ``randomness.deterministic``: the settings that must precede CUDA's initialisation
+    (``CUBLAS_WORKSPACE_CONFIG``) and cuDNN autotuning off in the config (mmengine would turn it
+    on from ``env_cfg`` and off again with a warning). The rest is ``SegRunner.set_randomness``."""
+    if not cfg.get('randomness', {}).get('deterministic'):
+        return []
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', CUBLAS_WORKSPACE)
+    cfg.env_cfg = dict(cfg.get('env_cfg', {}), cudnn_benchmark=False)
+    return ['deterministic: torch.use_deterministic_algorithms(True, warn_only=True), cuDNN '
+            'deterministic, cuDNN benchmark off, CUBLAS_WORKSPACE_CONFIG='
+            f'{os.environ["CUBLAS_WORKSPACE_CONFIG"]}']
+
+
+class SegRunner(Runner):
+    """mmengine's Runner; ``randomness.deterministic`` makes the operations that have no
+    deterministic implementation warn instead of stopping the run. On CUDA, UPerNet's backward
+    passes through some (adaptive average pooling, bilinear up-sampling) and its loss through
+    ``nll_loss2d``; mmengine's plain ``torch.use_deterministic_algorithms(True)`` raised there."""
+
+    def set_randomness(self, seed, diff_rank_seed: bool = False,
+                       deterministic: bool = False) -> None:
+        super().set_randomness(seed, diff_rank_seed=diff_rank_seed, deterministic=deterministic)
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def build_runner(cfg: Config, notes: Sequence[str] = ()) -> Runner:
     """The mmengine Runner for ``cfg`` fitted to this machine; what was changed for the machine
     (and ``notes``) is logged through the runner's logger (which exists only once the runner
     does)."""
-    changes = adapt_to_machine(cfg)
+    changes = use_determinism(cfg)  # first: before anything initialises CUDA
+    changes += adapt_to_machine(cfg)
+    changes += fit_workers_to_machine(cfg)
     set_metric_output(cfg, cfg.work_dir)
     use_checkpoint_safeguards(cfg)
     init_distributed_without_gpu(cfg)
-    runner = Runner.from_cfg(cfg)
+    runner = SegRunner.from_cfg(cfg)
     for line in [*changes, *notes]:
         print_log(line, logger='current')
     return runner

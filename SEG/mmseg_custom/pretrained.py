@@ -11,10 +11,11 @@ from typing import Iterable, Mapping
 import torch.nn as nn
 from mmengine.logging import MMLogger
 
-from util.checkpoint import (CheckpointError, LoadReport, extract_state_dict, load_checkpoint_file,
-                              load_weights)
+from util.checkpoint import LoadReport, extract_state_dict, load_checkpoint_file, load_weights
 
 SEGMENTOR_BACKBONE_PREFIX = 'backbone.'
+# what a checkpoint of another architecture asks the user to check (the scripts say --model)
+BACKBONE_HINT = 'check model.backbone in the config (its size and type)'
 
 
 def backbone_state(state: Mapping) -> dict:
@@ -34,12 +35,8 @@ def load_pretrained_backbone(backbone: nn.Module, path: str,
     shape that cannot be adapted, ends in a ``CheckpointError`` naming the file.
     """
     state = backbone_state(extract_state_dict(load_checkpoint_file(path), path))
-    try:
-        report = load_weights(backbone, state, allowed_missing=tuple(new_parameters))
-    except CheckpointError as err:  # name the file and the setting to check
-        raise CheckpointError(str(err).replace('state dict', path, 1).replace(
-            'check --model', 'check model.backbone in the config (its size and type)')) from None
-    report.source = path
+    report = load_weights(backbone, state, allowed_missing=tuple(new_parameters), source_name=path,
+                          hint=BACKBONE_HINT)
     MMLogger.get_current_instance().info(
         f'{type(backbone).__name__}: pretrained weights\n{report}')
     return report

@@ -2,7 +2,8 @@
 """Train a segmentor (mmsegmentation 1.x + mmengine) from a SEG config.
 
     python tools/train.py CONFIG [--work-dir DIR] [--options model.pretrained=CKPT data_root=DIR]
-                                 [--resume [CKPT]] [--launcher none|pytorch]
+                                 [--resume [CKPT]] [--seed N] [--deterministic]
+                                 [--launcher none|pytorch]
 
 Multi-GPU: tools/dist_train.sh CONFIG GPUS [same options] (torchrun). See SEG/README.md.
 """
@@ -25,12 +26,23 @@ def build_parser():
                         help='mmseg 0.x spelling of --resume CKPT')
     parser.add_argument('--load-from', help='initialise the whole segmentor from a checkpoint '
                                             '(weights only; the schedule starts at 0)')
+    parser.add_argument('--seed', type=int, default=None,
+                        help='random seed (default: the config\'s randomness.seed, 0); the same '
+                             'command with the same seed repeats the run')
+    parser.add_argument('--deterministic', action='store_true',
+                        help='deterministic algorithms (torch.use_deterministic_algorithms, cuDNN '
+                             'deterministic without benchmark, CUBLAS_WORKSPACE_CONFIG); same as '
+                             '--options randomness.deterministic=True')
     add_common_args(parser)
     return parser
 
 
 def run(args):
     cfg = load_config(args.config, args)
+    if args.seed is not None:
+        cfg.randomness = dict(cfg.get('randomness', {}), seed=args.seed)
+    if args.deterministic:
+        cfg.randomness = dict(cfg.get('randomness', {}), deterministic=True)
     notes = []
     if args.load_from:
         cfg.load_from = existing_checkpoint(args.load_from, '--load-from')

@@ -8,6 +8,9 @@ env_cfg = dict(
 vis_backends = [dict(type='LocalVisBackend'), dict(type='TensorboardVisBackend')]
 visualizer = dict(type='SegLocalVisualizer', vis_backends=vis_backends, name='visualizer')
 log_processor = dict(by_epoch=False)
+# A fixed seed: the same command repeats (on CPU bit for bit). tools/train.py --seed N changes it,
+# --deterministic sets deterministic=True (deterministic algorithms; see SEG/README.md).
+randomness = dict(seed=0, deterministic=False)
 log_level = 'INFO'
 load_from = None
 resume = False
