@@ -2,7 +2,8 @@
 
     python tools/visualize_reconstruction.py CKPT IMAGE [IMAGE ...] --out recon.png
 
-One row per image: input (blurred for deblurring models), masked input, reconstruction, target.
+One row per image, titled columns: input (blurred for deblurring models), visible patches, reconstruction,
+target.
 The model name, input size, channels and normalisation come from the checkpoint's ``args`` when it
 has them; ``--model`` etc. override (the published checkpoints only record ``args.model``).
 """
@@ -23,7 +24,7 @@ from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, PixelNormaliser, center_
                            model_channels, resize_box, stack_pixels)
 from util.image_io import UnreadableImageError, read_image, to_grey  # noqa: E402
 from util.registry import pretrain_models  # noqa: E402
-from util.visualize import panels_to_grid, reconstruction_panels, save_grid_png  # noqa: E402
+from util.visualize import column_titles, panels_to_grid, reconstruction_panels, save_grid_png  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -83,8 +84,9 @@ def main(argv=None):
     x, y = norm(stack_pixels(inputs)), norm(stack_pixels(targets))
     noise = torch.rand(len(inputs), model.num_patches, generator=torch.Generator().manual_seed(args.seed))
     panels = reconstruction_panels(model, x, y, norm.mean, norm.std, args.mask_ratio, noise)
-    save_grid_png(args.out, panels_to_grid(panels))
-    print(f"wrote {args.out} (columns: input, masked input, reconstruction, target)")
+    titles = column_titles(deblurring=blur is not None)
+    save_grid_png(args.out, panels_to_grid(panels, titles=titles))
+    print(f"wrote {args.out} (columns: {', '.join(titles)})")
 
 
 if __name__ == "__main__":
