@@ -24,12 +24,15 @@ Units: mm, MHz, dB; the speed of sound is 1540 m/s.  Envelope statistics of a ho
 are Rayleigh (mean/std 1.91) for fully developed speckle, as tests/test_synthetic_us.py checks.
 
 Nodules are drawn from label-conditional distributions over ACR TI-RADS descriptors that overlap,
-so the benign/malignant task is learnable but not trivial.
+so the benign/malignant task is learnable but not trivial.  docs/synthetic-data.md states the rules
+(which cue depends on the label, how strongly, at which scale) and what ``--audit`` measured: how
+well coarse and fine cues predict the label.
 
 Python API: :func:`generate_image`, :func:`write_layouts`; lower level :func:`form_envelope`.
 CLI (writes the pretraining, classification and segmentation trees the scripts read)::
 
     python tools/synthetic_us.py --out data/synthetic --num_pretrain 2000 --num_labelled 400
+    python tools/synthetic_us.py --audit data/synthetic    # label-cue audit of a written data set
 """
 from __future__ import annotations
 
