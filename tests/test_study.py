@@ -2,6 +2,7 @@
 study folder keeps one recipe), the job graph and the reports, without training anything."""
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -174,15 +175,18 @@ def test_reports_from_the_results_files(tmp_path):
     assert pair["per_seed"] == pytest.approx({0: 0.04, 1: -0.01, 2: 0.05})
     assert (pair["favour_first"], pair["favour_second"]) == (2, 1)
     assert summary["knn_auroc"]["arms"]["scratch"]["mean"] == pytest.approx(np.mean([0.6, 0.55, 0.58]) - 0.2)
-    info = dict(what="tiny models", command="python tools/study.py --preset cpu", started="now",
-                device="CPU", wall_seconds=60.0, cpu_seconds=100.0, load="1.0", jobs=66,
-                skipped=0)
+    info = dict(what="tiny models", invocations=[dict(
+        command="python tools/study.py --preset cpu", started="now", device="CPU (2 cores)",
+        wall_seconds=600.0, cpu_seconds=1000.0, load="1.0", runs=66, skipped=0, parallel=2,
+        threads=1, timings=[])])
     reports = study.write_reports(s, values, summary, info)
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["values"]["finetune_auroc"]["dmae"] == {"0": 0.74, "1": 0.79, "2": 0.77}
     assert record["summary"]["seg_iou"]["comparisons"]["dmae - mae"]["favour_first"] == 2
     text = (tmp_path / "results.md").read_text()
     assert reports["table"] in text and "Synthetic data" in text and "## Every seed" in text
+    assert ("66 of 66 runs in 10.0 min wall clock (2 at a time, 1 thread(s) each; 16.7 min of "
+            "CPU time in the runs, 8.3 min per core; load average 1.0)") in text
     for figure in ("study_metrics.png", "study_differences.png"):
         assert (tmp_path / "figures" / figure).stat().st_size > 10_000
 
@@ -222,3 +226,18 @@ def test_gpu_preset_dry_run_lists_every_run(tmp_path, capsys):
     assert out.count("[to run]") == 5 + 2 + 3 * 5
     assert "--model dmae_vit_base_patch16" in out and "model.backbone.arch=base_patch16" in out
     assert not (tmp_path / "g").exists()  # a dry run writes nothing
+
+
+def test_readme_study_results_are_the_recorded_cpu_study():
+    """README's Study results are what `--update_readme` renders from the recorded CPU study
+    (docs/study-cpu-results.json), made with the CPU preset as it is now."""
+    record = json.loads(study.README_RECORD.read_text())
+    assert record["recipe"] == asdict(study.PRESETS["cpu"].recipe)
+    assert record["seeds"] == list(study.PRESETS["cpu"].seeds)
+    assert [a["key"] for a in record["arms"]] == list(study.PRESETS["cpu"].arms)
+    begin, end = study.README_MARKERS
+    readme = study.README.read_text()
+    block = readme.split(begin)[1].split(end)[0]
+    assert block.strip() == study.readme_block(record).strip()
+    for name in study.README_FIGURES.values():
+        assert (study.REPO / "figure" / name).stat().st_size > 5_000

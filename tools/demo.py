@@ -55,7 +55,8 @@ if __package__ in (None, ""):  # run as a script: tools/ is a package of the rep
 from tools.pipeline import (PUBLISHED_BLUR, REPO, Arm, Layout, PipelineError,  # noqa: E402
                             Recipe, Runner, classification_result, data_jobs, device_name,
                             fill_import_caches, finetune_job, pretrain_job, reconstruction_job,
-                            seg_test_job, seg_train_job, segmentation_result, with_ci)
+                            seg_test_job, seg_train_job, segmentation_result, with_ci,
+                            compact_copy, replace_between, table_between)
 from util.fileio import atomic_write_text  # noqa: E402
 # the building blocks tests and tools/study.py use by these names
 from tools.pipeline import Job, crop_nodules, nodule_row, seg_schedule  # noqa: E402,F401
@@ -214,24 +215,6 @@ def segmentation_figure(lay: Layout, rows: list[dict], path: Path, n_images: int
     return path
 
 
-def compact_copy(src: Path, dst: Path, max_bytes: int = 200_000) -> Path:
-    """A PNG under ``max_bytes`` for the README: a palette of 256, 128 or 64 colours (speckle
-    compresses badly; grey levels survive 64 well), then 80 % smaller steps if still too big."""
-    from PIL import Image
-
-    image = Image.open(src).convert("RGB")
-    palettes = [256, 128, 64]
-    while True:
-        image.quantize(colors=palettes[0], method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
-        if dst.stat().st_size <= max_bytes or min(image.size) < 64:
-            return dst
-        if len(palettes) > 1:
-            palettes.pop(0)
-        else:
-            image = image.resize((image.width * 4 // 5, image.height * 4 // 5),
-                                 Image.Resampling.LANCZOS)
-
-
 # ----------------------------------------------------------------------------------- main
 def prepare_output(lay: Layout) -> None:
     """Start from a clean slate in the folders this script owns (a previous demo's outputs would
@@ -306,20 +289,12 @@ def readme_block(table: str, notice: str, date: str) -> str:
 
 
 def replace_between_markers(text: str, block: str, source: str = "README.md") -> str:
-    begin, end = README_MARKERS
-    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
-        raise DemoError(f"{source} needs exactly one '{begin}' line followed by one '{end}' "
-                        "line around the demo table")
-    head, rest = text.split(begin)
-    _, tail = rest.split(end)
-    return f"{head}{begin}\n{block}\n{end}{tail}"
+    return replace_between(text, README_MARKERS, block, source)
 
 
 def readme_table(text: str) -> str:
     """The demo table in the README (the lines of the block that start with '|')."""
-    begin, end = README_MARKERS
-    block = text.split(begin)[1].split(end)[0]
-    return "\n".join(line for line in block.splitlines() if line.startswith("|"))
+    return table_between(text, README_MARKERS)
 
 
 def quick_record(table: str) -> str:

@@ -51,12 +51,19 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: tools/ is a package of the repository
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.pipeline import (PUBLISHED_BLUR, Arm, BlurSpec, Layout, PipelineError,  # noqa: E402
-                            Recipe, Runner, blur_tag, classification_result, data_jobs,
-                            device_name,
+from tools.pipeline import (PUBLISHED_BLUR, REPO, Arm, BlurSpec, Layout,  # noqa: E402
+                            PipelineError, Recipe, Runner, blur_tag, classification_result,
+                            compact_copy, data_jobs, device_name, replace_between,
                             fill_import_caches, finetune_job, knn_job, linprobe_job,
                             pretrain_job, seg_test_job, seg_train_job, segmentation_result)
 from util.fileio import atomic_write_text  # noqa: E402
+
+README = REPO / "README.md"
+README_MARKERS = ("<!-- study-results:begin (python tools/study.py --preset cpu --update_readme) -->",
+                  "<!-- study-results:end -->")
+# the CPU study the README shows (its results.json); its figures in figure/
+README_RECORD = REPO / "docs" / "study-cpu-results.json"
+README_FIGURES = {"metrics": "study_cpu_metrics.png", "differences": "study_cpu_differences.png"}
 
 
 # ------------------------------------------------------------------------------- presets
@@ -393,8 +400,10 @@ def plot_differences(summary: dict, arms: list[Arm], comparisons: list[tuple[str
     groups = [[r for r in rows if not r[0].startswith("seg_")],
               [r for r in rows if r[0].startswith("seg_")]]
     groups = [g for g in groups if g]
+    grid = fig.add_gridspec(len(groups), 1, height_ratios=[len(g) for g in groups])
     for index, group in enumerate(groups):
-        ax = fig.add_subplot(len(groups), 1, index + 1)
+        ax = fig.add_subplot(grid[index])
+        ax.set_ylim(len(group) - 0.4, -0.6)
         for y, (metric, key, pair) in enumerate(group):
             diffs = list(pair["per_seed"].values())
             ax.plot(diffs, [y] * len(diffs), "o", color="C0", alpha=0.6, markersize=4)
@@ -409,7 +418,6 @@ def plot_differences(summary: dict, arms: list[Arm], comparisons: list[tuple[str
         a_b = [key.split(" - ") for _, key, _ in group]
         ax.set_yticklabels([f"{titles[m]}: {names[a]} - {names[b]}"
                             for (m, _, _), (a, b) in zip(group, a_b)], fontsize=7)
-        ax.invert_yaxis()
         ax.tick_params(axis="x", labelsize=7)
         ax.set_xlabel("paired difference (points: seeds; black: mean, 95 % t-interval)"
                       if index == len(groups) - 1 else "", fontsize=8)
@@ -442,10 +450,7 @@ def write_reports(study: Study, values: dict, summary: dict, info: dict) -> dict
 tools/synthetic_us.py (docs/synthetic-data.md: what their labels depend on), not on real
 ultrasound.**
 
-Command: `{info['command']}`
-Started {info['started']}, {info['device']}; this invocation took {info['wall_seconds'] / 60:.1f} min
-wall clock ({info['cpu_seconds'] / 60:.1f} min of CPU time in the runs; load average
-{info['load']}); {info['skipped']} of {info['jobs']} runs were complete before and skipped.
+{invocation_lines(info['invocations'])}
 
 Per seed: {recipe.num_pretrain} unlabelled and {recipe.num_labelled} labelled
 {recipe.image_size}x{recipe.image_size} images (70/15/15 % train/val/test); pretraining
@@ -465,6 +470,48 @@ seeds the intervals are wide: an interval that contains 0 does not show a differ
     text += "\n## Every seed\n\n" + per_seed_table(values, study.arms, study.seeds) + "\n"
     atomic_write_text(study.out / "results.md", text)
     return dict(paths, table=table)
+
+
+def invocation_lines(invocations: list) -> str:
+    """How the study was run: each invocation's command, time and machine load."""
+    lines = []
+    for inv in invocations:
+        lines.append(
+            f"- `{inv['command']}`, started {inv['started']} on {inv['device']}: "
+            f"{inv['runs'] - inv['skipped']} of {inv['runs']} runs in "
+            f"{inv['wall_seconds'] / 60:.1f} min wall clock ({inv['parallel']} at a time, "
+            f"{inv['threads']} thread(s) each; {inv['cpu_seconds'] / 60:.1f} min of CPU time in "
+            f"the runs, {inv['cpu_seconds'] / 60 / (inv['parallel'] * inv['threads']):.1f} min "
+            f"per core; load average {inv['load']})")
+    return "\n".join(lines)
+
+
+def readme_block(record: dict) -> str:
+    """The README's Study results from a study's results.json: how it was run, the table and
+    the figures (copied to figure/)."""
+    from types import SimpleNamespace
+
+    arms = [SimpleNamespace(key=a["key"], method=a["method"]) for a in record["arms"]]
+    comparisons = [tuple(c.split(" - ")) for c in record["comparisons"]]
+    figures = "\n".join(f"![{what}](figure/{name})" for what, name in README_FIGURES.items()
+                         if what in record["figures"])
+    return (f"*Synthetic data, {record['what']}; {len(record['seeds'])} seeds x "
+            f"{len(arms)} arms, measured:*\n\n{invocation_lines(record['invocations'])}\n\n"
+            f"{summary_table(record['summary'], arms, comparisons)}\n\n{figures}")
+
+
+def update_readme(out: Path, readme: Path = README, figure_dir: Path = REPO / "figure") -> None:
+    """The README's Study results (between its markers), figure/study_cpu_*.png and the record
+    docs/study-cpu-results.json, from the study in ``out``."""
+    record = json.loads((out / "results.json").read_text())
+    text = replace_between(readme.read_text(), README_MARKERS, readme_block(record), str(readme))
+    for what, name in README_FIGURES.items():
+        if what in record["figures"]:
+            compact_copy(Path(record["figures"][what]), figure_dir / name)
+    atomic_write_text(readme, text)
+    atomic_write_text(README_RECORD, json.dumps(record, indent=2) + "\n")
+    print(f"updated {readme} (Study results), {README_RECORD} and figure/"
+          f"{{{','.join(README_FIGURES.values())}}}")
 
 
 def _json_keys(obj):
@@ -513,7 +560,7 @@ class LoadSampler:
         self._stop.set()
         self.samples.append(os.getloadavg()[0])
         mean = sum(self.samples) / len(self.samples)
-        return f"{mean:.1f} on average (min {min(self.samples):.1f}, max {max(self.samples):.1f})"
+        return f"{mean:.1f} (min {min(self.samples):.1f}, max {max(self.samples):.1f})"
 
 
 def default_comparisons(arms: list[Arm]) -> list[tuple[str, str]]:
@@ -549,9 +596,19 @@ def parse_args(argv=None):
                         "threads for tiny models; cores / 2 with a GPU)")
     p.add_argument("--num_workers", type=int, default=None,
                    help="DataLoader workers per training run (default: 0 on a CPU, 2 with a GPU)")
+    p.add_argument("--update_readme", action="store_true",
+                   help="also write the results into README.md's Study section (between its "
+                        f"markers), the figures into figure/ and the record into "
+                        f"{README_RECORD.relative_to(REPO)} (the CPU preset with its own seeds "
+                        "and arms only: the README shows that study)")
     p.add_argument("--dry_run", action="store_true",
                    help="print every run's command (and whether it is already complete)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.update_readme and (args.preset != "cpu" or args.seeds or args.arms or args.blur_arms
+                               or args.compare):
+        p.error("--update_readme writes the README's CPU study: use it with --preset cpu and the "
+                "preset's seeds and arms")
+    return args
 
 
 def build_study(args) -> tuple[Study, Preset]:
@@ -618,16 +675,25 @@ def main(argv=None) -> int:
         return 1
     wall = time.perf_counter() - start
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    info = dict(what=preset.what,
-                command="python tools/study.py " + " ".join(shlex.quote(a) for a in
-                                                            (argv if argv is not None
-                                                             else sys.argv[1:])),
-                started=started, device=device, wall_seconds=wall,
-                cpu_seconds=children.ru_utime + children.ru_stime, load=load.stop(),
-                jobs=len(jobs), skipped=runner.skipped, parallel=parallel, threads=threads)
+    invocation = dict(
+        command="python tools/study.py " + " ".join(
+            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        started=started, device=device, wall_seconds=round(wall, 1),
+        cpu_seconds=round(children.ru_utime + children.ru_stime, 1), load=load.stop(),
+        runs=len(jobs), skipped=runner.skipped, parallel=parallel, threads=threads,
+        timings=[[title, round(seconds, 1)] for title, seconds in runner.timings])
+    history_file = study.out / "invocations.jsonl"
+    if runner.skipped < len(jobs):  # every invocation of this study that ran something
+        with open(history_file, "a") as f:
+            f.write(json.dumps(invocation) + "\n")
+    history = [json.loads(line) for line in history_file.read_text().splitlines()
+               if line.strip()] if history_file.is_file() else [invocation]
+    info = dict(what=preset.what, invocations=history)
     values = study.collect()
     summary = study.summarise(values)
     reports = write_reports(study, values, summary, info)
+    if args.update_readme:
+        update_readme(study.out)
     print(f"\n{reports['table']}\n\nThis invocation took {wall / 60:.1f} min ({runner.skipped} "
           f"of {len(jobs)} runs complete before). Results: {study.out / 'results.md'}, "
           f"results.json, figures/")
