@@ -277,3 +277,23 @@ def test_blur_options_and_folders():
     arm = pipeline.Arm("x", "x", "dmae_vit_tiny_patch16", "vit_tiny_patch16", spec)
     assert "train_dataloader.dataset.data_prefix.img_path=images_median_7/train" in \
         pipeline.seg_data_options(lay, arm)
+
+
+def test_reconstruction_grid_has_a_title_over_each_column():
+    """Column titles drawn above the panels; panels too narrow for their titles are enlarged."""
+    from util.visualize import column_titles, panels_to_grid
+
+    panels = torch.zeros(2, 4, 1, 128, 128)  # black panels on a white grid
+    grid = panels_to_grid(panels, titles=column_titles(deblurring=True))
+    plain = panels_to_grid(panels, titles=None)
+    assert grid.shape[0] == plain.shape[0] + 16 and grid.shape[1] == plain.shape[1]
+    header = grid[:16]
+    for j in range(4):  # dark title pixels above every column, and only in the header
+        column = header[:, 2 + j * 130:2 + j * 130 + 128]
+        assert (column < 128).any(), j
+    assert column_titles(True) == ("blurred input", "visible patches", "reconstruction",
+                                   "sharp target")
+    small = panels_to_grid(torch.zeros(1, 4, 3, 16, 16), titles=column_titles(False))
+    assert small.shape[1] > 4 * 4 * 16  # 16-pixel panels enlarged x4 for their titles
+    with pytest.raises(ValueError, match="4 columns but 3 titles"):
+        panels_to_grid(panels, titles=("a", "b", "c"))

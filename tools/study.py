@@ -673,6 +673,11 @@ def main(argv=None) -> int:
         print(f"\nstudy: {err}\nFix the cause and run the same command again: completed runs "
               "are kept.", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        load.stop()
+        print("\nstudy: interrupted; run the same command again to continue (completed runs are "
+              "kept, interrupted ones resume from their last checkpoint)", file=sys.stderr)
+        return 130
     wall = time.perf_counter() - start
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     invocation = dict(
