@@ -293,4 +293,5 @@ def test_visualize_reconstruction_tool(data, tmp_path, repo_root):
     result = subprocess.run([sys.executable, "tools/visualize_reconstruction.py", str(tmp_path / "published.pth"),
                              image, "--out", str(tmp_path / "fig2.png")], cwd=repo_root, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert cv2.imread(str(tmp_path / "fig2.png")).shape[:2] == (224 + 4, 4 * 226 + 2)
+    # one row of four 224-pixel panels under a 16-pixel row of column titles
+    assert cv2.imread(str(tmp_path / "fig2.png")).shape[:2] == (16 + 224 + 4, 4 * 226 + 2)

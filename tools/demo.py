@@ -2,6 +2,7 @@
 """`make demo`: the whole Deblurring MIM method on synthetic thyroid ultrasound, in minutes on CPU.
 
     python tools/demo.py [--out demo_out] [--quick] [--seed 0] [--figure_dir figure]
+    python tools/demo.py --update_readme
 
 Every step runs one of the repository's own scripts as a subprocess, with small arguments:
 
@@ -18,9 +19,16 @@ Every step runs one of the repository's own scripts as a subprocess, with small 
   5. SEG/tools/test.py              segmentation test metrics and outlines
   6. one table shaped like the published results table, and the figures
 
-Runs of one stage are independent and share the CPU cores (one thread each: tiny models gain little
-from more threads, and several threads per process slow down badly when anything else runs on the
-machine). With a GPU the runs use it (the scripts' --device default) one after the other.
+Each run starts as soon as the runs whose outputs it reads have finished, and the runs share the CPU
+cores (one thread each: tiny models gain little from more threads, and several threads per process
+slow down badly when anything else runs on the machine); tools/pipeline.py holds the jobs and the
+runner. With a GPU the runs use it (the scripts' --device default) one after the other. A line per
+finished run, and every 20 s a line per running one with its time so far and its latest progress
+line, show where the demo is.
+
+`--update_readme` regenerates every number and figure of the README's Demo section: the full run's
+table (between the README's demo markers) and figures (figure/demo_*.png), and the quick run's table
+in docs/demo-quick-table.md, which tests/test_demo.py compares with a fresh quick run.
 
 Outputs go to --out: results.md / results.json (the table), figures/, logs/ (one log per run),
 and each run's own folder (checkpoints, results files, TensorBoard events). The numbers are those
@@ -31,25 +39,30 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SEG_DIR = REPO / "SEG"
-PYTHON = sys.executable
+if __package__ in (None, ""):  # run as a script: tools/ is a package of the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.pipeline import (PUBLISHED_BLUR, REPO, Arm, Layout, PipelineError,  # noqa: E402
+                            Recipe, Runner, classification_result, data_jobs, device_name,
+                            fill_import_caches, finetune_job, pretrain_job, reconstruction_job,
+                            seg_test_job, seg_train_job, segmentation_result, with_ci,
+                            compact_copy, replace_between, table_between)
+from util.fileio import atomic_write_text  # noqa: E402
+# the building blocks tests and tools/study.py use by these names
+from tools.pipeline import Job, crop_nodules, nodule_row, seg_schedule  # noqa: E402,F401
 
 IMAGE_SIZE = 128  # the SEG demo configs are written for 128x128 crops
-BLUR_SIGMA = "1.1"
 FINETUNE_MODEL = "vit_tiny_patch16"
-SEG_CONFIGS = {True: SEG_DIR / "configs/demo/upernet_de_mae_vit_tiny_synthetic_128.py",
-               False: SEG_DIR / "configs/demo/upernet_mae_vit_tiny_synthetic_128.py"}
 NOTICE = ("Tiny models (ViT-Tiny: 2 blocks, 96 channels) trained on {images} synthetic images "
           "made by tools/synthetic_us.py; the whole demo took {minutes} on {device}. These "
           "numbers show that the pipeline runs end to end; they say nothing about the method on "
@@ -57,319 +70,55 @@ NOTICE = ("Tiny models (ViT-Tiny: 2 blocks, 96 channels) trained on {images} syn
 # the README copies of the figures (--figure_dir) must stay small
 FIGURE_COPIES = {"reconstruction": "demo_reconstruction.png", "roc": "demo_roc.png",
                  "segmentation": "demo_segmentation.png"}
+README = REPO / "README.md"
+README_MARKERS = ("<!-- demo-results:begin (python tools/demo.py --update_readme) -->",
+                  "<!-- demo-results:end -->")
+# the quick run's table as the current code prints it: tests/test_demo.py compares a fresh quick
+# run with it (--update_readme rewrites it)
+QUICK_RECORD = REPO / "docs" / "demo-quick-table.md"
+# the full run the README's table shows (its results.json), which the README's table must match
+FULL_RECORD = REPO / "docs" / "demo-results.json"
+DemoError = PipelineError
 
-
-@dataclass(frozen=True)
-class Scale:
-    """How much data and training; the only thing --quick changes."""
-    num_pretrain: int
-    num_labelled: int
-    pretrain_epochs: int
-    finetune_epochs: int
-    seg_iters: int
-    n_boot: int
-    batch_size: int  # pretraining and classification
-
-
-FULL = Scale(num_pretrain=300, num_labelled=240, pretrain_epochs=40, finetune_epochs=30,
-             seg_iters=300, n_boot=1000, batch_size=32)
+FULL = Recipe(num_pretrain=300, num_labelled=240, pretrain_epochs=40, finetune_epochs=30,
+              seg_iters=300, n_boot=1000, batch_size=32, image_size=IMAGE_SIZE)
 # --quick: every step and output of the full run, on a handful of images (for tests)
-QUICK = Scale(num_pretrain=16, num_labelled=40, pretrain_epochs=1, finetune_epochs=1,
-              seg_iters=2, n_boot=20, batch_size=8)
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One row of the table: how the encoder starts and which images it is fine-tuned on."""
-    key: str
-    method: str
-    pretrain_model: str | None  # None: random initialisation
-    blurred: bool  # pretrained and fine-tuned on blurred images (the deblurring arm, as published)
-
+QUICK = Recipe(num_pretrain=16, num_labelled=40, pretrain_epochs=1, finetune_epochs=1,
+               seg_iters=2, n_boot=20, batch_size=8, image_size=IMAGE_SIZE)
 
 ARMS = (
-    Arm("scratch", "ViT (random init.)", None, False),
-    Arm("mae", "MAE", "mae_vit_tiny_patch16", False),
-    Arm("dmae", "Deblurring MAE", "dmae_vit_tiny_patch16", True),
+    Arm("scratch", "ViT (random init.)", None, FINETUNE_MODEL),
+    Arm("mae", "MAE", "mae_vit_tiny_patch16", FINETUNE_MODEL),
+    Arm("dmae", "Deblurring MAE", "dmae_vit_tiny_patch16", FINETUNE_MODEL, PUBLISHED_BLUR),
 )
 
 
-class DemoError(RuntimeError):
-    pass
-
-
-class Layout:
-    """Where every step reads and writes under --out."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.data = out / "data"  # synthetic_us.py output: pretrain/, cls/, seg/
-        self.seg_data = self.data / "seg"  # images/, images_gaussian/ (blurred), masks/
-        self.cls_data = out / "data_cls"  # nodule-centred crops of data/cls (see crop_nodules)
-        self.blurred = out / "data_blurred"  # blurred copies: pretrain/, cls/
-        self.pretrain = out / "pretrain"
-        self.classification = out / "classification"
-        self.segmentation = out / "segmentation"
-        self.figures = out / "figures"
-        self.logs = out / "logs"
-
-    def owned_folders(self):
-        return (self.data, self.cls_data, self.blurred, self.pretrain, self.classification,
-                self.segmentation, self.figures, self.logs)
-
-
-@dataclass
-class Job:
-    """One script run: its log is logs/<name>.log."""
-    name: str
-    title: str
-    cmd: list
-    cwd: Path = REPO
-
-
-class Runner:
-    """Runs jobs as subprocesses, ``parallel`` at a time, each with its own log; numbers and times
-    them, and stops everything at the first failure."""
-
-    def __init__(self, logs: Path, total: int, parallel: int, threads: int | None):
-        self.logs = logs
-        self.total = total
-        self.parallel = max(1, parallel)
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if threads:
-            self.env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        self.done = 0
-        self.timings: list[tuple[str, float]] = []
-
-    def run(self, *jobs: Job) -> dict[str, str]:
-        """Run ``jobs`` (independent of each other); return each one's log text by name."""
-        pending, running, outputs = list(jobs), [], {}
-        try:
-            while pending or running:
-                while pending and len(running) < self.parallel:
-                    running.append(self._start(pending.pop(0)))
-                time.sleep(0.1)
-                for entry in [e for e in running if e[1].poll() is not None]:
-                    running.remove(entry)
-                    job, _, _, _ = entry
-                    outputs[job.name] = self._finish(*entry)
-        finally:
-            for _, proc, _, log in running:  # only after a failure or an interrupt
-                proc.kill()
-                proc.wait()
-                log.close()
-        return outputs
-
-    def run_here(self, title: str, function, *args):
-        """A data-preparation step of a few lines of Python, run in this process."""
-        start = time.perf_counter()
-        result = function(*args)
-        self._report(title, time.perf_counter() - start)
-        return result
-
-    def _start(self, job: Job):
-        log = open(self.logs / f"{job.name}.log", "w")
-        log.write("$ " + " ".join(map(str, job.cmd)) + f"\n(in {job.cwd})\n\n")
-        log.flush()
-        proc = subprocess.Popen([str(c) for c in job.cmd], cwd=job.cwd, env=self.env,
-                                stdout=log, stderr=subprocess.STDOUT)
-        return job, proc, time.perf_counter(), log
-
-    def _finish(self, job: Job, proc, start: float, log) -> str:
-        log.close()
-        output = (self.logs / f"{job.name}.log").read_text(errors="replace")
-        if proc.returncode != 0:
-            raise DemoError(f"'{job.title}' failed (exit status {proc.returncode}); the end of "
-                            f"its log {self.logs / (job.name + '.log')}:\n{output[-4000:]}")
-        self._report(job.title, time.perf_counter() - start)
-        return output
-
-    def _report(self, title: str, seconds: float) -> None:
-        self.done += 1
-        print(f"[{self.done:2d}/{self.total}] {title}: {seconds:.0f} s", flush=True)
-        self.timings.append((title, seconds))
-
-
-# ------------------------------------------------------------------------------------ data
-def make_data(runner: Runner, lay: Layout, scale: Scale, seed: int) -> None:
-    runner.run(Job("synthetic_us", f"synthetic data: {scale.num_pretrain} unlabelled + "
-                   f"{scale.num_labelled} labelled images",
-                   [PYTHON, "tools/synthetic_us.py", "--out", lay.data, "--num_pretrain",
-                    scale.num_pretrain, "--num_labelled", scale.num_labelled, "--size",
-                    IMAGE_SIZE, "--seed", seed, "--quiet"]))
-    runner.run_here("nodule-centred classification images", crop_nodules, lay.data / "cls",
-                    lay.seg_data / "masks", lay.cls_data)
-    # segmentation reads the blurred images beside the masks (images_gaussian/), as SEG/README.md
-    # describes for TN3K; blurred_images.py uses all cores itself, so these run one at a time
-    blur = [PYTHON, "blurred_images.py", "--method", "gaussian", "--sigma", BLUR_SIGMA]
-    for name, what, src, dst in (
-            ("blur_pretrain", "pretraining", lay.data / "pretrain", lay.blurred / "pretrain"),
-            ("blur_cls", "classification", lay.cls_data, lay.blurred / "cls"),
-            ("blur_seg", "segmentation", lay.seg_data / "images",
-             lay.seg_data / "images_gaussian")):
-        runner.run(Job(name, f"blurred copy (Gaussian, sigma {BLUR_SIGMA}) for {what}",
-                       [*blur, "--src_dir", src, "--dst_dir", dst]))
-
-
-def crop_nodules(cls_root: Path, masks_root: Path, out_root: Path, margin: float = 2.0) -> int:
-    """Write a nodule-centred crop of every classification image to ``out_root`` (same tree).
-
-    Thyroid-nodule classification datasets are made of such crops. On whole 128-pixel frames,
-    where the nodule covers ~3 % of the pixels (and a random-resized crop often cuts it out), a
-    tiny ViT stays at chance within the demo's minutes. The crop is a square of ``margin`` x the
-    nodule's longer side around its bounding box, at the frame's own resolution (main_finetune.py
-    resizes it); the nodule comes from the case's segmentation mask (the classification and
-    segmentation sets of tools/synthetic_us.py share the cases and splits).
-    """
-    import cv2
-    import numpy as np
-
-    count = 0
-    for image_path in sorted(cls_root.rglob("*.png")):
-        split, label, name = image_path.relative_to(cls_root).parts
-        mask = cv2.imread(str(masks_root / split / name), cv2.IMREAD_GRAYSCALE)
-        image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
-        if mask is None or image is None or not mask.any():
-            raise DemoError(f"no nodule mask for {image_path} in {masks_root / split}")
-        rows, cols = np.nonzero(mask)
-        centre = ((rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2)
-        half = max(8.0, margin * (max(np.ptp(rows), np.ptp(cols)) + 1) / 2)
-        top, left = (max(0, int(round(c - half))) for c in centre)
-        bottom, right = (min(n, int(round(c + half))) for c, n in zip(centre, image.shape[:2]))
-        target = out_root / split / label / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(target), image[top:bottom, left:right])
-        count += 1
-    return count
-
-
-# ------------------------------------------------------------------------------- training
-def pretrain_checkpoint(lay: Layout, arm: Arm, scale: Scale) -> Path | None:
-    if arm.pretrain_model is None:
-        return None
-    return lay.pretrain / arm.key / f"checkpoint-{scale.pretrain_epochs - 1}.pth"
-
-
-def pretrain_job(lay: Layout, arm: Arm, scale: Scale, seed: int, workers: int) -> Job:
-    epochs = scale.pretrain_epochs
-    # the deblurring model sees the blurred copy and reconstructs the sharp original; the vanilla
-    # one reads the originals as its input and target (the published convention)
-    data = (["--data_path_blurred", lay.blurred / "pretrain", "--data_path_orig",
-             lay.data / "pretrain"] if arm.blurred else
-            ["--data_path_blurred", lay.data / "pretrain"])
-    return Job(f"pretrain_{arm.key}", f"pretraining {arm.method} ({arm.pretrain_model}, "
-               f"{epochs} epochs)",
-               [PYTHON, "main_pretrain.py", "--model", arm.pretrain_model, "--output_dir",
-                lay.pretrain / arm.key, *data, "--input_size", IMAGE_SIZE, "--batch_size",
-                scale.batch_size, "--epochs", epochs,
-                # a tiny model and a short schedule: a higher base lr than the published 1.5e-4
-                "--blr", "4e-3", "--warmup_epochs", max(1, epochs // 10),
-                "--save_freq", epochs, "--eval_freq", epochs, "--num_workers", workers,
-                "--seed", seed])
-
-
-def reconstruction_job(lay: Layout, checkpoint: Path) -> Job:
-    """Rows: blurred input, masked input, reconstruction, sharp target, for 4 val images."""
-    images = sorted((lay.data / "pretrain" / "val").rglob("*.png"))[:4]
-    return Job("reconstruction", "reconstruction figure of the Deblurring MAE",
-               [PYTHON, "tools/visualize_reconstruction.py", checkpoint, *images, "--out",
-                lay.figures / "reconstruction.png", "--blur", "gaussian", "--blur_sigma",
-                BLUR_SIGMA])
-
-
-def finetune_job(lay: Layout, arm: Arm, scale: Scale, seed: int, workers: int) -> Job:
-    """Classification fine-tuning; main_finetune.py then tests the best model."""
-    epochs = scale.finetune_epochs
-    checkpoint = pretrain_checkpoint(lay, arm, scale)
-    start = ["--finetune", checkpoint] if checkpoint else []
-    return Job(f"finetune_{arm.key}", f"classification fine-tuning, {arm.method} "
-               f"({epochs} epochs)",
-               [PYTHON, "main_finetune.py", "--model", FINETUNE_MODEL, *start, "--data_path",
-                lay.blurred / "cls" if arm.blurred else lay.cls_data,
-                "--output_dir", lay.classification / arm.key, "--input_size", IMAGE_SIZE,
-                "--batch_size", scale.batch_size, "--epochs", epochs,
-                "--warmup_epochs", max(1, epochs // 10), "--blr", "1e-2",
-                # the published regularisation (RandAugment, random erasing, label smoothing,
-                # drop path) is made for hundreds of epochs; over 30 it keeps a tiny model at chance
-                "--aa", "none", "--reprob", "0", "--smoothing", "0", "--drop_path", "0",
-                "--n_boot", scale.n_boot, "--num_workers", workers, "--seed", seed])
-
-
-def seg_schedule(iters: int) -> list[str]:
-    """--cfg-options that set the demo config's schedule to ``iters`` iterations (one validation
-    at the end, which also saves the best-mDice checkpoint)."""
-    warmup = min(20, max(1, iters // 2))
-    return [f"train_cfg.max_iters={iters}", f"train_cfg.val_interval={iters}",
-            f"default_hooks.checkpoint.interval={iters}", f"param_scheduler.0.end={warmup}",
-            f"param_scheduler.1.begin={warmup}", f"param_scheduler.1.end={iters}"]
-
-
-def seg_train_job(lay: Layout, arm: Arm, scale: Scale, seed: int) -> Job:
-    checkpoint = pretrain_checkpoint(lay, arm, scale)
-    return Job(f"seg_train_{arm.key}", f"segmentation fine-tuning, {arm.method} "
-               f"({scale.seg_iters} iterations)",
-               [PYTHON, "tools/train.py", SEG_CONFIGS[arm.blurred], "--work-dir",
-                lay.segmentation / arm.key, "--launcher", "none", "--cfg-options",
-                f"data_root={lay.seg_data}", f"model.pretrained={checkpoint or None}",
-                f"randomness.seed={seed}", *seg_schedule(scale.seg_iters)], cwd=SEG_DIR)
-
-
-def seg_test_job(lay: Layout, arm: Arm) -> Job:
-    """Test split with the best-by-val checkpoint; outlines of every test image."""
-    work_dir = lay.segmentation / arm.key
-    best = sorted(work_dir.glob("best_mDice_iter_*.pth"))
-    if not best:
-        raise DemoError(f"SEG/tools/train.py wrote no best_mDice_iter_*.pth in {work_dir}")
-    return Job(f"seg_test_{arm.key}", f"segmentation test, {arm.method}",
-               [PYTHON, "tools/test.py", SEG_CONFIGS[arm.blurred], best[-1], "--work-dir",
-                work_dir / "test", "--launcher", "none", "--show-dir", work_dir / "overlays",
-                "--cfg-options", f"data_root={lay.seg_data}"], cwd=SEG_DIR)
+def demo_jobs(lay: Layout, scale: Recipe, seed: int, workers: int, data_workers: int) -> list:
+    """Every job of the demo, each waiting for the ones whose outputs it reads."""
+    pretrained = [arm for arm in ARMS if arm.pretrain_model]
+    dmae = next(arm for arm in ARMS if arm.blur)
+    data = data_jobs(lay, scale, seed, [PUBLISHED_BLUR], workers=data_workers)
+    ready = [job.name for job in data]  # every arm reads the data and the blurred copies
+    jobs = data + [pretrain_job(lay, arm, scale, seed, workers, after=ready) for arm in pretrained]
+    for arm in ARMS:
+        after = ready + ([f"pretrain_{arm.key}"] if arm.pretrain_model else [])
+        jobs += [seg_train_job(lay, arm, scale, seed, after=after),
+                 finetune_job(lay, arm, scale, seed, workers, after=after)]
+    jobs.append(reconstruction_job(lay, dmae, scale, lay.figures / "reconstruction.png",
+                                   after=[f"pretrain_{dmae.key}"]))
+    jobs += [seg_test_job(lay, arm, after=[f"seg_train_{arm.key}"]) for arm in ARMS]
+    return jobs
 
 
 # -------------------------------------------------------------------------------- results
-def nodule_row(test_output: str) -> tuple[float, float]:
-    """Nodule IoU and Dice (%) of the per-class table that SEG/tools/test.py prints (pixels pooled
-    over the test split, the published table's convention)."""
-    match = re.search(r"^\|\s*nodule\s*\|\s*([\d.]+|nan)\s*\|\s*([\d.]+|nan)\s*\|"
-                      r"\s*([\d.]+|nan)\s*\|", test_output, flags=re.M)
-    if match is None:
-        raise DemoError("no 'nodule' row in the output of SEG/tools/test.py")
-    return float(match.group(1)), float(match.group(3))
-
-
-def segmentation_result(lay: Layout, arm: Arm, test_output: str) -> dict:
-    iou, dice = nodule_row(test_output)
-    per_image = json.loads((lay.segmentation / arm.key / "test" /
-                            "per_image_metrics.json").read_text())
-    return dict(iou=iou, dice=dice, per_image_mean_dice=per_image["summary"]["dice"])
-
-
-def classification_result(lay: Layout, arm: Arm) -> dict:
-    path = lay.classification / arm.key / "results.json"
-    if not path.is_file():
-        raise DemoError(f"main_finetune.py did not write {path}")
-    test = json.loads(path.read_text())["test"]
-    pick = ("value", "ci_low", "ci_high")
-    return dict(n=test["n"], **{name: {k: test["metrics"][name][k] for k in pick}
-                                for name in ("auroc", "accuracy")})
-
-
-def with_ci(metric: dict) -> str:
-    if metric["value"] is None:
-        return "n/a"
-    if metric.get("ci_low") is None:
-        return f"{metric['value']:.3f}"
-    return f"{metric['value']:.3f} [{metric['ci_low']:.3f}, {metric['ci_high']:.3f}]"
-
-
-def pretraining_label(arm: Arm, scale: Scale) -> str:
+def pretraining_label(arm: Arm, scale: Recipe) -> str:
     if arm.pretrain_model is None:
         return "none"
-    blur = f", blurred (sigma {BLUR_SIGMA}) -> sharp" if arm.blurred else ""
+    blur = f", blurred (sigma {arm.blur.sigma:g}) -> sharp" if arm.blur else ""
     return f"Synthetic-US-{scale.num_pretrain}, {scale.pretrain_epochs} ep.{blur}"
 
 
-def results_table(rows: list[dict], scale: Scale) -> str:
+def results_table(rows: list[dict], scale: Recipe) -> str:
     """Markdown table: the published table's columns (method, architecture, pretraining,
     segmentation IoU) plus the classification metrics and Dice."""
     n_test = rows[0]["classification"]["n"]
@@ -384,6 +133,14 @@ def results_table(rows: list[dict], scale: Scale) -> str:
                  f"{seg['dice']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def table_from_record(record: dict) -> str:
+    """The table of a demo's results.json, as the demo printed it."""
+    arms = {arm.key: arm for arm in ARMS}
+    rows = [dict(arm=arms[row["key"]], classification=row["classification"],
+                 segmentation=row["segmentation"]) for row in record["rows"]]
+    return results_table(rows, Recipe(**record["scale"]))
 
 
 # -------------------------------------------------------------------------------- figures
@@ -405,15 +162,18 @@ def roc_figure(lay: Layout, path: Path) -> Path:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="chance")
+    n_test = set()
     for arm in ARMS:
         labels, probs = read_predictions(lay.classification / arm.key / "predictions.csv")
+        n_test.add(f"{len(labels)} images ({sum(labels)} malignant)")
         if len(set(labels)) < 2:
             continue  # a --quick test split may hold one class only: no curve
         fpr, tpr, _ = roc_curve(labels, probs)
         ax.plot(fpr, tpr, linewidth=2,
                 label=f"{arm.method} (AUROC {roc_auc_score(labels, probs):.2f})")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity", ylabel="sensitivity",
-           title="Benign vs malignant, synthetic test split", aspect="equal")
+           title=f"Benign vs malignant, synthetic test split:\n{', '.join(sorted(n_test))}",
+           aspect="equal")
     ax.legend(loc="lower right", fontsize="small")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     return path
@@ -455,39 +215,7 @@ def segmentation_figure(lay: Layout, rows: list[dict], path: Path, n_images: int
     return path
 
 
-def compact_copy(src: Path, dst: Path, max_bytes: int = 200_000) -> Path:
-    """A PNG under ``max_bytes`` for the README: a palette of 256, 128 or 64 colours (speckle
-    compresses badly; grey levels survive 64 well), then 80 % smaller steps if still too big."""
-    from PIL import Image
-
-    image = Image.open(src).convert("RGB")
-    palettes = [256, 128, 64]
-    while True:
-        image.quantize(colors=palettes[0], method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
-        if dst.stat().st_size <= max_bytes or min(image.size) < 64:
-            return dst
-        if len(palettes) > 1:
-            palettes.pop(0)
-        else:
-            image = image.resize((image.width * 4 // 5, image.height * 4 // 5),
-                                 Image.Resampling.LANCZOS)
-
-
 # ----------------------------------------------------------------------------------- main
-def device_name() -> str:
-    import torch
-    if torch.cuda.is_available():
-        return f"GPU ({torch.cuda.get_device_name(0)})"
-    return f"CPU ({os.cpu_count()} cores)"
-
-
-def fill_import_caches() -> None:
-    """Import mmengine once before SEG runs start side by side. Its first import after an
-    installation (a fresh clone) makes yapf rewrite its grammar cache in ~/.cache/YAPF; two
-    processes doing that at once read each other's half-written file and stop (EOFError)."""
-    import mmengine.config  # noqa: F401
-
-
 def prepare_output(lay: Layout) -> None:
     """Start from a clean slate in the folders this script owns (a previous demo's outputs would
     otherwise be skipped or mixed in); anything else under --out is left alone."""
@@ -497,32 +225,23 @@ def prepare_output(lay: Layout) -> None:
         folder.mkdir(parents=True)
 
 
-def run_demo(out: Path, scale: Scale, seed: int, workers: int, parallel: int,
-             threads: int | None, figure_dir: Path | None = None) -> dict:
+def run_demo(out: Path, scale: Recipe, seed: int, workers: int, parallel: int,
+             threads: int | None, figure_dir: Path | None = None,
+             status_every: float = 20.0) -> dict:
     lay = Layout(out)
     prepare_output(lay)
     fill_import_caches()
     device = device_name()
-    print(f"Deblurring MIM demo on {device}, {parallel} run(s) at a time: outputs in {out}")
-    pretrained = [arm for arm in ARMS if arm.pretrain_model]
-    runner = Runner(lay.logs, total=5 + len(pretrained) + 1 + 3 * len(ARMS), parallel=parallel,
-                    threads=threads)
+    print(f"Deblurring MIM demo on {device}, {parallel} run(s) at a time: outputs in {out}\n"
+          f"(a line per finished step; every {status_every:.0f} s a line per running step with "
+          "its time so far and its latest progress line)", flush=True)
+    jobs = demo_jobs(lay, scale, seed, workers, data_workers=parallel * (threads or 1))
+    runner = Runner(lay.logs, total=len(jobs), parallel=parallel, threads=threads,
+                    status_every=status_every)
     start = time.perf_counter()
-
-    make_data(runner, lay, scale, seed)
-    runner.run(*(pretrain_job(lay, arm, scale, seed, workers) for arm in pretrained))
-    for checkpoint in (pretrain_checkpoint(lay, arm, scale) for arm in pretrained):
-        if not checkpoint.is_file():
-            raise DemoError(f"main_pretrain.py did not write {checkpoint}")
-    dmae = next(arm for arm in ARMS if arm.blurred)
-    runner.run(*(seg_train_job(lay, arm, scale, seed) for arm in ARMS),
-               *(finetune_job(lay, arm, scale, seed, workers) for arm in ARMS),
-               reconstruction_job(lay, pretrain_checkpoint(lay, dmae, scale)))
-    tests = runner.run(*(seg_test_job(lay, arm) for arm in ARMS))
-
-    rows = [dict(arm=arm, classification=classification_result(lay, arm),
-                 segmentation=segmentation_result(lay, arm, tests[f"seg_test_{arm.key}"]))
-            for arm in ARMS]
+    runner.run(*jobs)
+    rows = [dict(arm=arm, classification=classification_result(lay.classification / arm.key),
+                 segmentation=segmentation_result(lay, arm)) for arm in ARMS]
     figures = {"reconstruction": lay.figures / "reconstruction.png",
                "roc": roc_figure(lay, lay.figures / "roc_test.png"),
                "segmentation": segmentation_figure(lay, rows,
@@ -539,13 +258,13 @@ def run_demo(out: Path, scale: Scale, seed: int, workers: int, parallel: int,
     print(f"\n{table}\n\n{notice}\n")
     print(f"Total {total:.0f} s. Table: {out / 'results.md'}; figures: {lay.figures}; "
           f"logs: {lay.logs}")
-    return dict(table=table, rows=rows, figures=figures, seconds=total)
+    return dict(table=table, notice=notice, rows=rows, figures=figures, seconds=total)
 
 
 def write_results(lay: Layout, table: str, notice: str, rows: list[dict], figures: dict,
-                  runner: Runner, scale: Scale, seed: int, total: float, device: str) -> None:
+                  runner: Runner, scale: Recipe, seed: int, total: float, device: str) -> None:
     timing_lines = "\n".join(f"| {title} | {seconds:.0f} |" for title, seconds in runner.timings)
-    (lay.out / "results.md").write_text(
+    (lay.root / "results.md").write_text(
         f"# Deblurring MIM demo (synthetic data, tiny models)\n\n{table}\n\n{notice}\n\n"
         "Classification: test split, 95 % bootstrap CIs. Segmentation: nodule class, pixels "
         "pooled over the test split.\n\n"
@@ -553,11 +272,56 @@ def write_results(lay: Layout, table: str, notice: str, rows: list[dict], figure
         f"| total (wall clock) | {total:.0f} |\n")
     record = dict(
         device=device, seed=seed, scale=asdict(scale), seconds=total, notice=notice,
+        date=datetime.date.today().isoformat(),
         timings=[dict(step=t, seconds=s) for t, s in runner.timings],
         figures={k: str(v) for k, v in figures.items()},
-        rows=[dict(asdict(r["arm"]), classification=r["classification"],
+        rows=[dict(key=r["arm"].key, method=r["arm"].method,
+                   pretrain_model=r["arm"].pretrain_model, finetune_model=r["arm"].finetune_model,
+                   blurred=r["arm"].blur is not None, classification=r["classification"],
                    segmentation=r["segmentation"]) for r in rows])
-    (lay.out / "results.json").write_text(json.dumps(record, indent=2))
+    (lay.root / "results.json").write_text(json.dumps(record, indent=2))
+
+
+# ------------------------------------------------------------------------- README update
+def readme_block(table: str, notice: str, date: str) -> str:
+    """What the README shows between its demo markers."""
+    return f"{table}\n\n*{notice} Run of {date}, `python tools/demo.py --update_readme`.*"
+
+
+def replace_between_markers(text: str, block: str, source: str = "README.md") -> str:
+    return replace_between(text, README_MARKERS, block, source)
+
+
+def readme_table(text: str) -> str:
+    """The demo table in the README (the lines of the block that start with '|')."""
+    return table_between(text, README_MARKERS)
+
+
+def quick_record(table: str) -> str:
+    return ("# The quick demo's table (`python tools/demo.py --quick`, CPU)\n\n"
+            "Written by `python tools/demo.py --update_readme`; tests/test_demo.py runs the quick "
+            "demo and compares its table with this one, so a change of the code that changes the "
+            "demo's numbers shows up (then regenerate the README's demo table and this file with "
+            "that command).\n\n" + table + "\n")
+
+
+def update_readme(out: Path, seed: int, workers: int, parallel: int, threads: int | None,
+                  readme: Path = README, figure_dir: Path = REPO / "figure") -> None:
+    """The full demo into the README (table, figures; its results.json into FULL_RECORD) and the
+    quick demo's table into QUICK_RECORD: every number and figure the README's Demo section shows,
+    from the code as it is."""
+    replace_between_markers(readme.read_text(), "", str(readme))  # markers there: fail early
+    full = run_demo(out, FULL, seed, workers, parallel, threads, figure_dir)
+    with tempfile.TemporaryDirectory(prefix="quick_demo_") as quick_out:
+        quick = run_demo(Path(quick_out), QUICK, seed, workers, parallel, threads)
+    text = replace_between_markers(readme.read_text(), readme_block(
+        full["table"], full["notice"], datetime.date.today().isoformat()), str(readme))
+    atomic_write_text(readme, text)
+    atomic_write_text(FULL_RECORD, (out / "results.json").read_text())
+    atomic_write_text(QUICK_RECORD, quick_record(quick["table"]))
+    print(f"updated {readme} (demo table), {figure_dir} ({', '.join(FIGURE_COPIES.values())}), "
+          f"{FULL_RECORD} and {QUICK_RECORD}; the full demo took {full['seconds']:.0f} s, the "
+          f"quick one {quick['seconds']:.0f} s")
 
 
 def parse_args(argv=None):
@@ -565,18 +329,27 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--quick", action="store_true",
-                   help="a few images and iterations: every step and output, in about a minute")
+                   help="a few images and iterations: every step and output, in about two minutes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--figure_dir", type=Path,
                    help="also write small copies of the figures for the README here "
                         f"({', '.join(FIGURE_COPIES.values())}; e.g. figure/)")
+    p.add_argument("--update_readme", action="store_true",
+                   help="run the full demo, write its table into README.md (between the demo "
+                        "markers) and its figures into figure/, then run the quick demo and "
+                        f"record its table in {QUICK_RECORD.relative_to(REPO)} (what "
+                        "tests/test_demo.py compares a fresh quick run with)")
     p.add_argument("--parallel", type=int,
                    help="runs at a time (default: the number of CPU cores without a GPU, 1 with)")
     p.add_argument("--num_workers", type=int,
                    help="DataLoader workers of the pretraining and classification runs (default: "
                         "0 on a CPU, where the tiny images load faster in the training process; "
                         "4 with a GPU)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.update_readme and (args.quick or args.figure_dir):
+        p.error("--update_readme runs both the full and the quick demo and writes figure/ itself: "
+                "leave out --quick and --figure_dir")
+    return args
 
 
 def main(argv=None) -> int:
@@ -589,8 +362,11 @@ def main(argv=None) -> int:
     # on a CPU the cores are shared out between the parallel runs
     threads = None if gpu else max(1, cores // parallel)
     try:
-        run_demo(Path(args.out).resolve(), QUICK if args.quick else FULL, args.seed, workers,
-                 parallel, threads, args.figure_dir)
+        if args.update_readme:
+            update_readme(Path(args.out).resolve(), args.seed, workers, parallel, threads)
+        else:
+            run_demo(Path(args.out).resolve(), QUICK if args.quick else FULL, args.seed, workers,
+                     parallel, threads, args.figure_dir)
     except DemoError as err:
         print(f"\nmake demo: {err}", file=sys.stderr)
         return 1

@@ -24,12 +24,15 @@ Units: mm, MHz, dB; the speed of sound is 1540 m/s.  Envelope statistics of a ho
 are Rayleigh (mean/std 1.91) for fully developed speckle, as tests/test_synthetic_us.py checks.
 
 Nodules are drawn from label-conditional distributions over ACR TI-RADS descriptors that overlap,
-so the benign/malignant task is learnable but not trivial.
+so the benign/malignant task is learnable but not trivial.  docs/synthetic-data.md states the rules
+(which cue depends on the label, how strongly, at which scale) and what ``--audit`` measured: how
+well coarse and fine cues predict the label.
 
 Python API: :func:`generate_image`, :func:`write_layouts`; lower level :func:`form_envelope`.
 CLI (writes the pretraining, classification and segmentation trees the scripts read)::
 
     python tools/synthetic_us.py --out data/synthetic --num_pretrain 2000 --num_labelled 400
+    python tools/synthetic_us.py --audit data/synthetic    # label-cue audit of a written data set
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +49,7 @@ import numpy as np
 from scipy import ndimage, signal
 from scipy.special import erfc
 
+REPO = Path(__file__).resolve().parents[1]
 SPEED_OF_SOUND_MM_PER_US = 1.54
 # Finest sample spacing of the simulation grid.  Speckle grains are ~0.3 x 0.5 mm, so ~0.16 mm
 # samples resolve them; a smaller output image is a downsampled view, not a coarser physics.
@@ -294,6 +299,10 @@ FEATURE_PRIORS = {
 # boundary between "hypo" and "very hypo" in ACR terms.
 ECHO_DB = {"hyperechoic": (3.5, 8.0), "isoechoic": (-2.5, 2.0), "hypoechoic": (-11.0, -3.0),
            "very_hypoechoic": (-22.0, -11.0), "anechoic": (-45.0, -40.0)}
+# Scatterer-density shape of the solid part (see scatterer_amplitude; 1 = coarse, heterogeneous
+# speckle of carcinomas) and the impedance step of the stroma over parenchyma (a faint boundary echo).
+TEXTURE_GAMMA_SHAPE = {"benign": 3.0, "malignant": 1.0}
+STROMA_IMPEDANCE_STEP = {"benign": 0.0, "malignant": 0.04}
 POINTS = {
     "composition": {"cystic": 0, "spongiform": 0, "mixed": 1, "solid": 2},
     "echogenicity": {"anechoic": 0, "hyperechoic": 1, "isoechoic": 1, "hypoechoic": 2,
@@ -358,6 +367,10 @@ def sample_features(rng, label: str) -> dict:
                     "anteroposterior": round(transverse * ratio, 2)},
         "solid_echogenicity_db": round(float(rng.uniform(*ECHO_DB[echo])), 2),
         "attenuation_db_cm_mhz": round(float(rng.uniform(lo, hi)), 3),
+        # Echotexture and stroma, fixed by the label (no draw): carcinomas have fewer, coarser
+        # scatterers (K-distributed speckle) and a slightly stiffer, desmoplastic stroma.
+        "texture_gamma_shape": TEXTURE_GAMMA_SHAPE[label],
+        "stroma_impedance_step_mrayl": STROMA_IMPEDANCE_STEP[label],
     }
     feat["tirads_points"], feat["tirads_level"] = tirads_points(feat)
     return feat
@@ -573,7 +586,6 @@ def _paint_nodule(maps: TissueMaps, grid: BeamGrid, nod: Nodule):
     region = sd < 2.0 * nod.edge_mm
     background = maps.backscatter_db.copy()
     solid_db = f["solid_echogenicity_db"] + 1.0 * correlated_field(rng, grid.shape, (3.0, 3.0))
-    solid_k = 1.0 if f["label"] == "malignant" else 3.0   # carcinomas: coarser, heterogeneous
     fluid = np.zeros(grid.shape, bool)
     inside = sd <= 0
     if f["composition"] == "cystic":
@@ -589,7 +601,8 @@ def _paint_nodule(maps: TissueMaps, grid: BeamGrid, nod: Nodule):
         fluid = inside & _microcysts(rng, x, z, nod)
     # Desmoplastic (fibrotic) stroma of carcinomas is slightly stiffer: a faint boundary echo.
     maps.paint(region, backscatter_db=w * solid_db + (1 - w) * background,
-               gamma_shape=solid_k, impedance=Z_SOFT + 0.04 * (f["label"] == "malignant"))
+               gamma_shape=f["texture_gamma_shape"],
+               impedance=Z_SOFT + f["stroma_impedance_step_mrayl"])
     maps.paint(inside, attenuation=f["attenuation_db_cm_mhz"])
     if f["halo"]:
         halo = inside & (sd > -rng.uniform(0.5, 1.3))
@@ -1044,11 +1057,179 @@ def _progress(total, enabled):
                 pass
         return _Null()
 
+# ----------------------------------------------------------------------------------------------
+# Label-cue audit: how much of the label the coarse and the fine cues carry
+# ----------------------------------------------------------------------------------------------
+# Recorded descriptors by the scale at which they show (docs/synthetic-data.md).  Coarse: what a
+# 32x32 thumbnail of the frame still shows (size and shape, mean brightness, composition,
+# attenuation and its shadow, 1-2.5 mm calcifications with their shadows).  Fine: sub-millimetre
+# detail that blur and speckle hide (0.1-0.2 mm punctate micro-calcifications, the margin's contour
+# and edge width, the 0.5-1.3 mm halo, comet tails).  The echotexture (texture_gamma_shape) is
+# fixed by the label, so a classifier given it would be perfect: it is measured in the images
+# (speckle statistics, :func:`image_cues`) instead.
+COARSE_DESCRIPTORS = ("size_and_shape", "composition", "echogenicity", "attenuation",
+                      "large_calcifications")
+FINE_DESCRIPTORS = ("margin", "punctate_foci", "halo", "comet_tail")
+
+
+def descriptor_columns(feat: dict, names) -> list:
+    """Numeric columns of the recorded descriptors ``names`` of one nodule."""
+    size = feat["size_mm"]
+    columns = {
+        "size_and_shape": [math.log(size["transverse"]),
+                           math.log(size["anteroposterior"] / size["transverse"])],
+        "composition": [feat["composition"] == c for c in FEATURE_PRIORS["benign"]["composition"]],
+        "echogenicity": [feat["solid_echogenicity_db"]],
+        "attenuation": [feat["attenuation_db_cm_mhz"]],
+        "large_calcifications": [k in feat["echogenic_foci"]
+                                 for k in ("macrocalcification", "peripheral_rim")],
+        "margin": [feat["margin"] == m for m in FEATURE_PRIORS["benign"]["margin"]],
+        "punctate_foci": ["punctate" in feat["echogenic_foci"]],
+        "halo": [feat["halo"]],
+        "comet_tail": ["comet_tail" in feat["echogenic_foci"]],
+    }
+    return [float(v) for name in names for v in columns[name]]
+
+
+def cross_validated_auroc(columns, labels, folds: int = 5, seed: int = 0) -> dict:
+    """AUROC and accuracy of a logistic regression on ``columns``, each case scored by a model
+    fitted on the other folds (so the numbers are what the cues predict, not what they fit)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = np.asarray(columns, float), np.asarray(labels, int)
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    split = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    prob = cross_val_predict(model, x, y, cv=split, method="predict_proba")[:, 1]
+    return {"auroc": float(roc_auc_score(y, prob)), "accuracy": float(((prob > 0.5) == y).mean())}
+
+
+def _largest_blob_fallback(mask_small: np.ndarray, coverage: np.ndarray) -> np.ndarray:
+    """A nodule smaller than one thumbnail pixel still gets the pixel it covers most."""
+    if mask_small.any():
+        return mask_small
+    out = np.zeros_like(mask_small)
+    out.flat[int(np.argmax(coverage))] = True
+    return out
+
+
+def image_cues(image: np.ndarray, mask: np.ndarray, thumbnail: int = 32) -> tuple:
+    """(coarse, fine) measurements of the nodule in one grey frame and its mask.
+
+    Coarse, from ``thumbnail`` x ``thumbnail`` versions of image and mask: log area fraction,
+    eccentricity and height/width of the mask, mean grey level inside, inside minus the ring
+    around it, below it (posterior shadow / enhancement) minus the ring.  Fine, at full resolution
+    inside the mask eroded by one pixel: speckle SNR (mean / std), std, high-pass std (image minus
+    its Gaussian blur, sigma 1.5 px), log(1 + pixels > 40 grey levels above their 5x5 median:
+    bright spots such as micro-calcifications), and solidity of the mask (area / convex-hull area:
+    lobulations and spicules lower it).
+    """
+    import cv2
+
+    img = image.astype(np.float32)
+    nodule = mask > 0
+    small = cv2.resize(img, (thumbnail, thumbnail), interpolation=cv2.INTER_AREA)
+    coverage = cv2.resize(nodule.astype(np.float32), (thumbnail, thumbnail),
+                          interpolation=cv2.INTER_AREA)
+    inside = _largest_blob_fallback(coverage > 0.5, coverage)
+    rows, cols = np.nonzero(inside)
+    spread = np.linalg.eigvalsh(np.cov(np.vstack([cols, rows]))) if len(rows) > 2 else (1.0, 1.0)
+    eccentricity = math.sqrt(max(0.0, 1.0 - spread[0] / max(spread[1], 1e-6)))
+    ring = (cv2.dilate(inside.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0) & ~inside
+    around = small[ring].mean() if ring.any() else small.mean()
+    below = small[rows.max() + 1:rows.max() + 6][:, np.unique(cols)]
+    coarse = [math.log(coverage.mean() + 1e-4), eccentricity,
+              (np.ptp(rows) + 1) / (np.ptp(cols) + 1), small[inside].mean(),
+              small[inside].mean() - around, (below.mean() if below.size else around) - around]
+
+    core = cv2.erode(nodule.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    core = core if core.sum() >= 10 else nodule
+    values = img[core]
+    high_pass = img - cv2.GaussianBlur(img, (0, 0), 1.5)
+    median = cv2.medianBlur(np.clip(image, 0, 255).astype(np.uint8), 5).astype(np.float32)
+    contours, _ = cv2.findContours(nodule.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_NONE)
+    contour = max(contours, key=cv2.contourArea)
+    hull_area = cv2.contourArea(cv2.convexHull(contour))
+    fine = [values.mean() / (values.std() + 1e-3), values.std(), high_pass[core].std(),
+            math.log1p(int(((img - median) > 40)[core].sum())),
+            cv2.contourArea(contour) / hull_area if hull_area > 0 else 1.0]
+    return [float(v) for v in coarse], [float(v) for v in fine]
+
+
+def audit_labels(root, blur_sigma: float = 1.1, thumbnail: int = 32, folds: int = 5) -> list:
+    """Cross-validated AUROC / accuracy of the label from coarse and fine cues of a data set that
+    :func:`write_layouts` wrote to ``root``: the recorded descriptors, and measurements of the
+    segmentation images (sharp, and Gaussian-blurred with ``blur_sigma`` as blurred_images.py
+    does).  Returns the number of images and rows (what, number of features, dict with auroc and
+    accuracy), as :func:`audit_table` takes them."""
+    import cv2
+    if str(REPO) not in sys.path:  # run as a script: util/ lives beside tools/
+        sys.path.insert(0, str(REPO))
+    from util.blur import BlurSpec
+
+    root = Path(root)
+    if not (root / "features.jsonl").is_file():
+        raise SystemExit(f"{root} has no features.jsonl: audit a folder written by "
+                         "tools/synthetic_us.py --out")
+    records = [json.loads(line) for line in (root / "features.jsonl").read_text().splitlines()]
+    if len(records) < 2 * folds:
+        raise SystemExit(f"{root / 'features.jsonl'} lists {len(records)} labelled images; the "
+                         f"audit needs at least {2 * folds} (write more with --num_labelled)")
+    blur = BlurSpec("gaussian", sigma=blur_sigma)
+    labels = [r["label"] == "malignant" for r in records]
+    coarse_rec = [descriptor_columns(r["features"], COARSE_DESCRIPTORS) for r in records]
+    fine_rec = [descriptor_columns(r["features"], FINE_DESCRIPTORS) for r in records]
+    sharp, blurred = [], []
+    for r in records:
+        name = f"{r['id']}.png"
+        image = cv2.imread(str(root / "seg" / "images" / r["split"] / name), cv2.IMREAD_GRAYSCALE)
+        mask = cv2.imread(str(root / "seg" / "masks" / r["split"] / name), cv2.IMREAD_GRAYSCALE)
+        if image is None or mask is None:
+            raise SystemExit(f"cannot read {name} in {root / 'seg'}: audit a folder written by "
+                             "tools/synthetic_us.py --out")
+        sharp.append(image_cues(image, mask, thumbnail))
+        blurred.append(image_cues(blur.apply(image), mask, thumbnail))
+    coarse_img = [c for c, _ in sharp]
+    fine_img, fine_blur = [f for _, f in sharp], [f for _, f in blurred]
+
+    def joined(*parts):
+        return [sum(row, []) for row in zip(*parts)]
+
+    cases = [
+        ("recorded coarse descriptors (" + ", ".join(COARSE_DESCRIPTORS) + ")", coarse_rec),
+        ("recorded fine descriptors (" + ", ".join(FINE_DESCRIPTORS) + ")", fine_rec),
+        ("recorded coarse + fine descriptors", joined(coarse_rec, fine_rec)),
+        (f"image, coarse ({thumbnail}x{thumbnail} thumbnail of image and mask)", coarse_img),
+        ("image, coarse + recorded fine descriptors", joined(coarse_img, fine_rec)),
+        ("image, fine (full resolution, sharp)", fine_img),
+        (f"image, fine (full resolution, blurred sigma {blur_sigma})", fine_blur),
+        ("image, coarse + fine (sharp)", joined(coarse_img, fine_img)),
+        (f"image, coarse + fine (blurred sigma {blur_sigma})", joined(coarse_img, fine_blur)),
+    ]
+    return len(records), [(what, len(x[0]), cross_validated_auroc(x, labels, folds))
+                          for what, x in cases]
+
+
+def audit_table(n: int, rows) -> str:
+    lines = [f"| cues (n = {n} labelled images, 5-fold cross-validated logistic regression) "
+             "| features | AUROC | accuracy |", "|---|---|---|---|"]
+    lines += [f"| {what} | {k} | {m['auroc']:.3f} | {m['accuracy']:.3f} |" for what, k, m in rows]
+    return "\n".join(lines)
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help="output folder")
+    target.add_argument("--audit", metavar="DIR",
+                        help="instead of writing images: how well coarse and fine cues of the data "
+                             "set in DIR (written with --out) predict the label "
+                             "(docs/synthetic-data.md)")
     p.add_argument("--num_pretrain", type=int, default=200, help="unlabelled pretraining images")
     p.add_argument("--num_labelled", type=int, default=100,
                    help="labelled images (classification + segmentation), half benign")
@@ -1062,6 +1243,9 @@ def main(argv=None):
         p.error("--size takes one or two integers >= 16, e.g. --size 256 or --size 224 320")
     if a.num_pretrain < 0 or a.num_labelled < 0:
         p.error("--num_pretrain and --num_labelled must be >= 0")
+    if a.audit:
+        print(audit_table(*audit_labels(a.audit)))
+        return
     size = a.size[0] if len(a.size) == 1 else tuple(a.size)
     t0 = time.perf_counter()
     write_layouts(a.out, a.num_pretrain, a.num_labelled, size, a.seed, a.workers, a.sector,

@@ -2,7 +2,8 @@
 
     python tools/visualize_reconstruction.py CKPT IMAGE [IMAGE ...] --out recon.png
 
-One row per image: input (blurred for deblurring models), masked input, reconstruction, target.
+One row per image, titled columns: input (blurred for deblurring models), visible patches,
+reconstruction, target.
 The images are prepared as the checkpoint's training prepared them: its model name, input size,
 channels, normalisation, colour decision (grey unless it was trained with ``--keep_channels``) and
 input blur come from the checkpoint's ``args``. A deblurring checkpoint that records no blur (the
@@ -30,7 +31,7 @@ from util.image_io import UnreadableImageError, read_image, to_grey  # noqa: E40
 from util.provenance import (read_blur_settings, recorded_args, recorded_input_blur,  # noqa: E402
                              resolve_input_blur, size_hw)
 from util.registry import pretrain_models  # noqa: E402
-from util.visualize import panels_to_grid, reconstruction_panels, save_grid_png  # noqa: E402
+from util.visualize import column_titles, panels_to_grid, reconstruction_panels, save_grid_png  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -97,8 +98,9 @@ def main(argv=None):
     y = norm(stack_pixels([p[1] for p in pairs]))
     noise = torch.rand(len(pairs), model.num_patches, generator=torch.Generator().manual_seed(args.seed))
     panels = reconstruction_panels(model, x, y, norm.mean, norm.std, args.mask_ratio, noise)
-    save_grid_png(args.out, panels_to_grid(panels))
-    print(f"wrote {args.out} (columns: input, masked input, reconstruction, target)")
+    titles = column_titles(deblurring=blur is not None)
+    save_grid_png(args.out, panels_to_grid(panels, titles=titles))
+    print(f"wrote {args.out} (columns: {', '.join(titles)})")
 
 
 if __name__ == "__main__":
