@@ -13,7 +13,7 @@ $(VENV)/bin/python:
 
 # Re-install only when requirements.txt changed since the last successful install.
 $(STAMP): requirements.txt | $(VENV)/bin/python
-	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check --progress-bar on -r requirements.txt
 	@# The first import of mmengine makes yapf write its grammar cache; parallel first imports (two
 	@# segmentation runs, dist_train.sh with several processes) could read it half-written.
 	$(PY) -c "import mmengine.config"

@@ -128,3 +128,17 @@ def test_num_workers_default_fits_the_machine(monkeypatch, cores, local, expecte
     for script in SCRIPTS:
         assert importlib.import_module(script).get_args_parser().parse_args([]).num_workers == expected, script
     assert benchmark.parse_args(["data"]).num_workers == expected
+
+
+def test_tools_explain_every_argument_and_the_default_blur():
+    import blurred_images
+    from tools import visualize_reconstruction
+
+    for parser in (blurred_images.get_args_parser(), visualize_reconstruction.get_args_parser()):
+        for action in parser._actions:
+            if action.help != argparse.SUPPRESS:
+                assert action.help and len(action.help) >= 12, (parser.prog, action.dest)
+    blur_help = " ".join(blurred_images.get_args_parser().format_help().split())
+    assert "blur method (default: gaussian, as published)" in blur_help
+    recon_help = " ".join(visualize_reconstruction.get_args_parser().format_help().split())
+    assert "'none' turns that off" in recon_help and "original (sharp) images" in recon_help

@@ -34,21 +34,26 @@ from util.registry import pretrain_models  # noqa: E402
 from util.visualize import column_titles, panels_to_grid, reconstruction_panels, save_grid_png  # noqa: E402
 
 
-def parse_args(argv=None):
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--out", default="reconstruction.png")
+    p.add_argument("checkpoint", help="pretraining checkpoint (.pth or .safetensors), ours or a published one")
+    p.add_argument("images", nargs="+", help="original (sharp) images, one figure row each")
+    p.add_argument("--out", default="reconstruction.png", help="PNG to write (default: reconstruction.png)")
     p.add_argument("--model", default=None, help="model name (default: from the checkpoint)")
     p.add_argument("--input_size", type=int, nargs="+", default=None,
                    help="one number (square) or H W (default: the checkpoint's, else 224)")
     p.add_argument("--in_chans", type=int, default=None, help="default: the checkpoint's, else 3")
-    p.add_argument("--mask_ratio", type=float, default=0.75)
+    p.add_argument("--mask_ratio", type=float, default=0.75,
+                   help="fraction of patches hidden from the encoder (default: 0.75)")
     p.add_argument("--seed", type=int, default=0, help="seed of the masks")
     p.add_argument("--norm_pix_loss", action="store_true", default=None,
                    help="the checkpoint was trained with norm_pix_loss (default: from the checkpoint)")
     add_blur_arguments(p, prefix="blur_", method_flag="--blur", default_method=None)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return get_args_parser().parse_args(argv)
 
 
 def prepared_pair(path: str, blur, keep_channels: bool, in_chans: int, size, deblurring: bool):

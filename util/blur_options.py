@@ -30,9 +30,9 @@ def add_blur_arguments(parser: argparse.ArgumentParser, prefix: str = "", method
     Read them back with :func:`blur_spec_from_args` and the same ``prefix``.
     """
     group = parser.add_argument_group("blur")
-    off = "" if default_method else (" (default: no blur; fine-tuning, linear probing and the reconstruction tool "
-                                     "apply the blur their checkpoint records, and "
-                                     f"'{NO_BLUR}' turns that off)")
+    off = f" (default: {default_method}, as published)" if default_method else (
+        " (default: no blur; fine-tuning, linear probing and the reconstruction tool "
+        f"apply the blur their checkpoint records, and '{NO_BLUR}' turns that off)")
     choices = METHODS if default_method else METHODS + (NO_BLUR,)
     group.add_argument(method_flag, dest=f"{prefix}method", default=default_method, choices=choices,
                        help=f"blur method{off}")
