@@ -28,11 +28,29 @@ def test_t_interval_matches_scipy(values):
 
 
 def test_t_interval_of_one_or_no_value_has_no_interval():
-    assert study.t_interval([0.7]) == dict(n=1, mean=0.7, ci_low=None, ci_high=None, sd=None)
+    assert study.t_interval([0.7]) == dict(n=1, mean=0.7, ci_low=None, ci_high=None, sd=None, clipped=False)
     assert study.t_interval([])["mean"] is None
     # three seeds: the 95 % interval is mean +- 4.303 x sd / sqrt(3)
     result = study.t_interval([1.0, 2.0, 3.0])
     assert result["ci_high"] - result["mean"] == pytest.approx(4.302653 * 1.0 / math.sqrt(3))
+
+
+def test_intervals_stay_within_the_metric_range():
+    values = [0.62, 0.99, 0.70]  # three AUROCs: the t-interval reaches past 1
+    raw = study.t_interval(values)
+    assert raw["ci_high"] > 1 and raw["ci_low"] > 0 and not raw["clipped"]
+    cut = study.t_interval(values, bounds=(0.0, 1.0))
+    assert cut["clipped"] and cut["ci_high"] == 1.0 and cut["ci_low"] == pytest.approx(raw["ci_low"])
+    assert cut["mean"] == raw["mean"] and cut["sd"] == raw["sd"]
+    assert not study.t_interval([0.7, 0.8, 0.75], bounds=(0.0, 1.0))["clipped"]
+    # differences of a 0-100 % metric lie in [-100, 100]; the summary applies each metric's range
+    pair = study.compare({0: 90.0, 1: 5.0, 2: 60.0}, {0: 0.0, 1: 95.0, 2: 10.0}, top=100.0)
+    assert pair["ci_low"] == -100.0 and pair["ci_high"] == 100.0 and pair["clipped"]
+    arms = [study.arm_catalogue("tiny")[k] for k in ("mae", "dmae")]
+    s = study.Study(Path("/nowhere"), TINY, arms, [0, 1, 2], [("dmae", "mae")])
+    summary = s.summarise({"finetune_auroc": {"mae": dict(enumerate(values)),
+                                              "dmae": dict(enumerate(values))}})
+    assert summary["finetune_auroc"]["arms"]["mae"]["ci_high"] == 1.0
 
 
 def test_paired_comparison_counts_seeds_and_ignores_unpaired_ones():

@@ -135,6 +135,11 @@ class Metric:
     title: str
     stage: str  # finetune, linprobe, knn, seg
 
+    @property
+    def top(self) -> float:
+        """The metric's largest value (its range is [0, top]; a difference's [-top, top])."""
+        return 100.0 if self.stage == "seg" else 1.0
+
 
 METRICS = (
     Metric("finetune_auroc", "Fine-tuning AUROC", "finetune"),
@@ -160,21 +165,27 @@ def stages(recipe: Recipe) -> set[str]:
 
 
 # ----------------------------------------------------------------------------- statistics
-def t_interval(values, level: float = 0.95) -> dict:
+def t_interval(values, level: float = 0.95, bounds: tuple[float, float] | None = None) -> dict:
     """Mean and its ``level`` t-interval (mean +- t(n-1) * sd / sqrt(n)); the interval is None
-    for fewer than two values."""
+    for fewer than two values. With ``bounds`` (the metric's range) the interval is clipped to
+    it: with three seeds the t-interval of an AUROC easily reaches past 1, a value that cannot
+    occur; ``clipped`` says when that happened."""
     from scipy import stats
 
     values = [float(v) for v in values]
     n = len(values)
     if n == 0:
-        return dict(n=0, mean=None, ci_low=None, ci_high=None, sd=None)
+        return dict(n=0, mean=None, ci_low=None, ci_high=None, sd=None, clipped=False)
     mean = sum(values) / n
     if n < 2:
-        return dict(n=1, mean=mean, ci_low=None, ci_high=None, sd=None)
+        return dict(n=1, mean=mean, ci_low=None, ci_high=None, sd=None, clipped=False)
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
-    return dict(n=n, mean=mean, ci_low=mean - half, ci_high=mean + half, sd=sd)
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    low, high = mean - half, mean + half
+    clipped = bool(bounds is not None and (low < bounds[0] or high > bounds[1]))
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return dict(n=n, mean=mean, ci_low=low, ci_high=high, sd=sd, clipped=clipped)
 
 
 def paired_differences(first: dict, second: dict) -> dict:
@@ -183,12 +194,13 @@ def paired_differences(first: dict, second: dict) -> dict:
             if seed in second and first[seed] is not None and second[seed] is not None}
 
 
-def compare(first: dict, second: dict, level: float = 0.95) -> dict:
-    """Paired comparison of two arms' per-seed values: the differences, their mean and t-interval,
-    and how many seeds favour each arm (a tie: equal values)."""
+def compare(first: dict, second: dict, level: float = 0.95, top: float | None = None) -> dict:
+    """Paired comparison of two arms' per-seed values: the differences, their mean and t-interval
+    (clipped to [-top, top] when given), and how many seeds favour each arm (a tie: equal values)."""
     diffs = paired_differences(first, second)
     values = list(diffs.values())
-    return dict(t_interval(values, level), per_seed=diffs,
+    bounds = None if top is None else (-top, top)
+    return dict(t_interval(values, level, bounds), per_seed=diffs,
                 favour_first=sum(d > 0 for d in values), favour_second=sum(d < 0 for d in values),
                 ties=sum(d == 0 for d in values))
 
@@ -266,10 +278,12 @@ class Study:
 
     def summarise(self, values: dict) -> dict:
         summary = {}
+        tops = {m.key: m.top for m in METRICS}
         for metric, by_arm in values.items():
-            arms = {key: t_interval([v for v in per_seed.values() if v is not None])
+            top = tops[metric]
+            arms = {key: t_interval([v for v in per_seed.values() if v is not None], bounds=(0.0, top))
                     for key, per_seed in by_arm.items() if per_seed}
-            pairs = {f"{a} - {b}": compare(by_arm[a], by_arm[b])
+            pairs = {f"{a} - {b}": compare(by_arm[a], by_arm[b], top=top)
                      for a, b in self.comparisons if by_arm.get(a) and by_arm.get(b)}
             summary[metric] = dict(arms=arms, comparisons=pairs)
         return summary
@@ -459,7 +473,9 @@ Per seed: {recipe.num_pretrain} unlabelled and {recipe.num_labelled} labelled
 
 Mean over seeds [95 % t-interval]; paired differences: same seed, same data, mean of the per-seed
 differences [95 % t-interval], and the number of seeds in which each arm scored higher. With few
-seeds the intervals are wide: an interval that contains 0 does not show a difference.
+seeds the intervals are wide: an interval that contains 0 does not show a difference. An interval
+that reaches past the metric's range (AUROC and accuracy 0-1, IoU and Dice 0-100 %) is cut at its
+end.
 
 {table}
 
