@@ -22,6 +22,7 @@ from mmseg_custom.layer_decay import LayerDecayOptimWrapperConstructor  # noqa: 
 from mmseg_custom.nodule_metric import dice_score, hd95, iou_score, nodule_scores  # noqa: E402
 from mmseg_custom.us_dataset import MaskFormatError, UltrasoundNoduleDataset  # noqa: E402
 from util.pos_embed import resample_pos_embed  # noqa: E402
+from models_vit import VIT_SIZES  # noqa: E402
 import models_convmae  # noqa: E402,F401  (registers the pretraining models)
 from util.registry import pretrain_models  # noqa: E402
 
@@ -539,6 +540,68 @@ def test_published_configs_keep_the_published_values(relative, data_dir, batch):
         prefix = cfg[f'{split}_dataloader'].dataset.data_prefix
         assert prefix == dict(img_path=f'{data_dir}/{split}', seg_map_path=f'masks/{split}')
     assert 'tnui' in cfg.data_root if relative.endswith('tnui.py') else 'tn3k' in cfg.data_root
+
+
+# Every experiment config: (model base it is built on, number of transformer blocks for the layer
+# decay, iterations). The demo configs scale the Deblurring MAE experiment down.
+EXPERIMENTS = {
+    'convmae/upernet_convmae_us280k_base_800_512_tn3k.py': ('upernet_convvit.py', 11, 160000),
+    'convmae/upernet_convmae_us280k_base_800_512_tnui.py': ('upernet_convvit.py', 11, 160000),
+    'de_convmae/upernet_de_convmae_us280k_base_gaussian_800_512_tn3k.py': ('upernet_convvit.py', 11, 160000),
+    'de_convmae/upernet_de_convmae_us280k_base_gaussian_800_512_tnui.py': ('upernet_convvit.py', 11, 160000),
+    'de_mae/upernet_de_mae_us280k_base_gaussian_800_512_tn3k.py': ('upernet_vit.py', 12, 160000),
+    'demo/upernet_de_mae_vit_tiny_synthetic_128.py': ('upernet_vit.py', 2, 300),
+    'demo/upernet_mae_vit_tiny_synthetic_128.py': ('upernet_vit.py', 2, 300),
+}
+
+
+def _config_files(*parts):
+    folder = os.path.join(CONFIGS, *parts)
+    return sorted(os.path.relpath(os.path.join(root, name), CONFIGS)
+                  for root, _, names in os.walk(folder) for name in names if name.endswith('.py'))
+
+
+def test_configs_are_model_dataset_runtime_and_schedule_bases_without_delete():
+    """mmseg's layout: each model base is complete on its own, so no config deletes a part of
+    another (``_delete_``), and the layer-decay optimizer is written once, in the schedule."""
+    every = _config_files()
+    assert every and not [f for f in every if '_delete_' in open(os.path.join(CONFIGS, f)).read()]
+    experiments = [f for f in every if not f.startswith('_base_')]
+    assert experiments == sorted(EXPERIMENTS)
+    schedule = Config.fromfile(os.path.join(CONFIGS, '_base_', 'schedules', 'schedule_160k.py'))
+    assert schedule.optim_wrapper == dict(
+        type='AmpOptimWrapper', dtype='bfloat16', constructor='LayerDecayOptimWrapperConstructor',
+        optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
+        paramwise_cfg=dict(layer_decay_rate=0.75))
+    for base, backbone, neck in (('upernet_convvit.py', 'ConvMAE', None),
+                                 ('upernet_vit.py', 'ViTBackbone', 'Feature2Pyramid')):
+        model = Config.fromfile(os.path.join(CONFIGS, '_base_', 'models', base)).model
+        assert (model.backbone.type, model.get('neck', {}).get('type')) == (backbone, neck)
+        assert (model.decode_head.type, model.auxiliary_head.type) == ('UPerHead', 'FCNHead')
+
+
+@pytest.mark.parametrize('relative', sorted(EXPERIMENTS))
+def test_each_experiment_is_its_model_base_with_the_shared_layer_decay(relative):
+    base, num_layers, iterations = EXPERIMENTS[relative]
+    cfg = Config.fromfile(os.path.join(CONFIGS, relative))
+    model_base = Config.fromfile(os.path.join(CONFIGS, '_base_', 'models', base)).model
+    schedule = Config.fromfile(os.path.join(CONFIGS, '_base_', 'schedules', 'schedule_160k.py'))
+    backbone = cfg.model.backbone
+    if relative.startswith('demo/'):  # a tiny ViT, the same parts
+        assert (backbone.type, cfg.model.neck.type) == (model_base.backbone.type, model_base.neck.type)
+    else:
+        assert cfg.model == model_base  # the full-size experiments take the model as it is
+    blocks = backbone.depth[-1] if backbone.type == 'ConvMAE' else VIT_SIZES[backbone.arch]['depth']
+    assert cfg.optim_wrapper.paramwise_cfg == dict(num_layers=num_layers, layer_decay_rate=0.75)
+    assert blocks == num_layers
+    wrapper = {**cfg.optim_wrapper, 'paramwise_cfg': dict(layer_decay_rate=0.75)}
+    if relative.startswith('demo/'):  # a short run: 10x the lr
+        assert wrapper['optimizer'].pop('lr') == 1e-3
+        wrapper['optimizer']['lr'] = schedule.optim_wrapper.optimizer.lr
+    assert wrapper == schedule.optim_wrapper  # experiments change only num_layers
+    warmup, poly = cfg.param_scheduler
+    assert (warmup.type, poly.type, poly.end, cfg.train_cfg.max_iters) == (
+        'LinearLR', 'PolyLR', iterations, iterations)
 
 
 def _data_roots(overrides):

@@ -1,6 +1,7 @@
-# UPerNet with a ConvViT-B backbone (features at strides 4/8/16/32: 256/384/768/768 channels) and an
-# auxiliary FCN head on the stride-16 map. Experiment configs set the sizes, pretrained weights and
-# test mode; see SEG/README.md.
+# UPerNet + ViT-B/16 at 512x512, the ViT recipe of mmseg's MAE configs (upernet_mae.py): the outputs
+# of blocks 3/5/7/11 (768 channels each) become strides 4/8/16/32 through Feature2Pyramid (rescales
+# x4, x2, x1, x0.5); an auxiliary FCN head reads the stride-16 map. Experiments add pretrained
+# weights (--options model.pretrained=...), the dataset and the schedule; see SEG/README.md.
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 data_preprocessor = dict(
     type='SegDataPreProcessor',
@@ -8,27 +9,22 @@ data_preprocessor = dict(
     std=[58.395, 57.12, 57.375],
     bgr_to_rgb=True,
     pad_val=0,
-    seg_pad_val=255)
+    seg_pad_val=255,
+    size=(512, 512))
 model = dict(
     type='EncoderDecoder',
     data_preprocessor=data_preprocessor,
     pretrained=None,
     backbone=dict(
-        type='ConvViTBackbone',
+        type='ViTBackbone',  # SEG/mmseg_custom/vit_backbone.py
+        arch='base_patch16',
         img_size=512,
-        embed_dim=[256, 384, 768],
-        depth=[2, 2, 11],
-        num_heads=12,
-        mlp_ratio=[4, 4, 4],
-        qkv_bias=True,
-        use_abs_pos_emb=True,
-        use_rel_pos_bias=True,
-        init_values=1.0,
-        drop_path_rate=0.1,
-        norm_cfg=norm_cfg),
+        out_indices=[3, 5, 7, 11],
+        drop_path_rate=0.1),
+    neck=dict(type='Feature2Pyramid', embed_dim=768, rescales=[4, 2, 1, 0.5], norm_cfg=norm_cfg),
     decode_head=dict(
         type='UPerHead',
-        in_channels=[256, 384, 768, 768],
+        in_channels=[768, 768, 768, 768],
         in_index=[0, 1, 2, 3],
         pool_scales=(1, 2, 3, 6),
         channels=768,
