@@ -90,6 +90,24 @@ def test_summary_table_shows_means_differences_and_seed_counts():
     assert cells[4] == "2 / 1 / 0"
 
 
+def test_verdicts_are_read_off_the_paired_intervals():
+    arms = [study.arm_catalogue("tiny")[k] for k in ("mae", "dmae")]
+    s = study.Study(Path("/nowhere"), TINY, arms, [0, 1, 2], [("dmae", "mae")])
+    tied = s.summarise({"finetune_auroc": {"mae": {0: 0.7, 1: 0.8, 2: 0.75},
+                                           "dmae": {0: 0.72, 1: 0.78, 2: 0.76}}})
+    assert study.comparison_verdicts(tied, arms, [("dmae", "mae")]) == (
+        "- Deblurring MAE - MAE: the paired 95 % interval contains 0 in all 1 metrics: with 3 seeds "
+        "the study shows no difference between them.")
+    # Deblurring MAE higher by 0.05 +- 0.005 in every seed: the interval lies above 0
+    apart = s.summarise({"finetune_auroc": {"mae": {0: 0.70, 1: 0.80, 2: 0.75},
+                                            "dmae": {0: 0.75, 1: 0.855, 2: 0.795}},
+                         "finetune_accuracy": {"mae": {0: 0.7, 1: 0.8, 2: 0.75},
+                                               "dmae": {0: 0.6, 1: 0.9, 2: 0.75}}})
+    text = study.comparison_verdicts(apart, arms, [("dmae", "mae")])
+    assert text == ("- Deblurring MAE - MAE: the paired 95 % interval lies above 0 in 1 and below 0 in 0 "
+                    "of 2 metrics (higher: Fine-tuning AUROC); the other intervals contain 0.")
+
+
 # ------------------------------------------------------------------------- job graph
 def _study(tmp_path, arms=("scratch", "mae", "dmae"), seeds=(0, 1)):
     catalogue = study.arm_catalogue("tiny")

@@ -334,6 +334,33 @@ def summary_table(summary: dict, arms: list[Arm], comparisons: list[tuple[str, s
     return "\n".join(lines)
 
 
+def comparison_verdicts(summary: dict, arms, comparisons: list[tuple[str, str]]) -> str:
+    """One line per paired comparison: in how many metrics its 95 % interval lies wholly above or
+    below 0 (the only differences the study can show), read off the table, never written by hand."""
+    names = {arm.key: arm.method for arm in arms}
+    titles = {m.key: m.title for m in METRICS}
+    lines = []
+    for a, b in comparisons:
+        pairs = {metric: entry["comparisons"][f"{a} - {b}"] for metric, entry in summary.items()
+                 if entry["comparisons"].get(f"{a} - {b}", {}).get("ci_low") is not None}
+        if not pairs:
+            continue
+        higher = [titles[m] for m, p in pairs.items() if p["ci_low"] > 0]
+        lower = [titles[m] for m, p in pairs.items() if p["ci_high"] < 0]
+        seeds = max(p["n"] for p in pairs.values())
+        if not higher and not lower:
+            verdict = (f"the paired 95 % interval contains 0 in all {len(pairs)} metrics: with {seeds} "
+                       "seeds the study shows no difference between them")
+        else:
+            verdict = (f"the paired 95 % interval lies above 0 in {len(higher)} and below 0 in "
+                       f"{len(lower)} of {len(pairs)} metrics"
+                       + (f" (higher: {', '.join(higher)})" if higher else "")
+                       + (f" (lower: {', '.join(lower)})" if lower else "")
+                       + "; the other intervals contain 0")
+        lines.append(f"- {names[a]} - {names[b]}: {verdict}.")
+    return "\n".join(lines)
+
+
 def per_seed_table(values: dict, arms: list[Arm], seeds: list[int]) -> str:
     titles = {m.key: m.title for m in METRICS}
     header = ["Metric", "Arm", *(f"seed {s}" for s in seeds)]
@@ -479,6 +506,8 @@ end.
 
 {table}
 
+{comparison_verdicts(summary, study.arms, study.comparisons)}
+
 ![per-seed values and means]({paths['metrics'].relative_to(study.out)})
 """
     if paths["differences"] is not None:
@@ -513,7 +542,8 @@ def readme_block(record: dict) -> str:
                          if what in record["figures"])
     return (f"*Synthetic data, {record['what']}; {len(record['seeds'])} seeds x "
             f"{len(arms)} arms, measured:*\n\n{invocation_lines(record['invocations'])}\n\n"
-            f"{summary_table(record['summary'], arms, comparisons)}\n\n{figures}")
+            f"{summary_table(record['summary'], arms, comparisons)}\n\n"
+            f"{comparison_verdicts(record['summary'], arms, comparisons)}\n\n{figures}")
 
 
 def update_readme(out: Path, readme: Path = README, figure_dir: Path = REPO / "figure") -> None:
