@@ -17,6 +17,7 @@ import main_pretrain
 import models_convmae  # noqa: F401  (registers the pretraining models)
 from cli_args import finetune_args, pretrain_args
 from tools import visualize_reconstruction
+from util import visualize
 from util.blur import BlurSpec
 from util.datasets import center_box, model_channels, resize_box
 from util.image_io import to_grey
@@ -224,7 +225,12 @@ def test_reconstruction_tool_prepares_images_as_the_checkpoint_was_trained(tmp_p
         out = tmp_path / f"fig{keep}.png"
         visualize_reconstruction.main([str(ckpt), path, "--out", str(out), "--mask_ratio", "0.5"])
         grid = cv2.imread(str(out))[:, :, ::-1].astype(int)
-        first, target = grid[2:34, 2:34], grid[2:34, 2 + 3 * 34:2 + 3 * 34 + 32]
+        # the figure's layout: a title row, then panels enlarged x`scale` (nearest) to fit their titles
+        scale = visualize._title_scale(visualize.column_titles(deblurring=True), 32)
+        side, top = 32 * scale, visualize._TITLE_HEIGHT + 2
+        first = grid[top:top + side:scale, 2:2 + side:scale]
+        left = 2 + 3 * (side + 2)
+        target = grid[top:top + side:scale, left:left + side:scale]
         source = image if keep else to_grey(image)
         box = center_box(48, 48, (32, 32))
         expected_input = resize_box(model_channels(blur.apply(source), 3), box, (32, 32)).permute(1, 2, 0).numpy()
