@@ -13,20 +13,12 @@ import pytest
 import torch
 
 import main_finetune
-from util.metrics import METRIC_NAMES
 import models_convmae  # noqa: F401  (registers the models; it imports models_mae and models_vit)
+from classification_images import cine, make_image, write_dicom
+from util.metrics import METRIC_NAMES
 from util.registry import finetune_models, pretrain_models
 
 N_TEST = 7  # odd: two processes get a padded shard
-
-
-def make_image(rng, malignant: bool, dtype=np.uint8):
-    """Smooth noise; the 'malignant' class has a bright block, so a tiny model learns it in a few epochs."""
-    img = cv2.GaussianBlur(rng.random((40, 48)).astype(np.float32), (0, 0), 2) * 0.45
-    if malignant:
-        img[10:30, 12:36] += 0.4
-    top = 65535 if dtype == np.uint16 else 255
-    return (np.clip(img, 0, 1) * top).astype(dtype)
 
 
 @pytest.fixture(scope="module")
@@ -338,25 +330,6 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(dataset, tmp_path):
 
 
 # ------------------------------------------------------------------------------ groups and operating point
-def write_dicom(path, frames, **tags):
-    """A grey DICOM file of ``frames`` (F x H x W uint8; F > 1: a multi-frame cine) with ``tags``."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.set_pixel_data(frames if len(frames) > 1 else frames[0], "MONOCHROME2", 8)
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    for keyword, value in tags.items():
-        setattr(ds, keyword, value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-
-
-def cine(rng, malignant: bool, n_frames: int):
-    return np.stack([make_image(rng, malignant) for _ in range(n_frames)])
 
 
 def test_frames_of_one_dicom_file_form_one_group_and_tags_or_a_csv_group_files(tmp_path):

@@ -18,7 +18,7 @@ import torch
 
 import main_finetune
 import main_linprobe
-from test_main_finetune import make_image
+from classification_images import make_image
 from util.knn import knn_class_probabilities
 from util.lars import LARS
 from util.metrics import METRIC_NAMES

@@ -82,7 +82,7 @@ def test_split_keeps_patients_whole_is_stratified_and_leaves_the_source(tmp_path
 
 
 def test_dicom_patients_stay_together(tmp_path):
-    from test_main_finetune import cine, write_dicom
+    from classification_images import cine, write_dicom
 
     rng = np.random.default_rng(0)
     source = tmp_path / "flat"
