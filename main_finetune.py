@@ -359,7 +359,6 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, mixup_fn, epoch
     meter = EpochMeter(epoch, steps, args, guard, writer, run)
     # an update is skipped if any micro-batch of its accumulation window was non-finite
     window_finite = torch.ones((), dtype=torch.bool, device=device)
-    fused_skip = bool(optimizer.defaults.get("fused")) and scaler is None
     interrupted = False
     optimizer.zero_grad(set_to_none=True)
     for it, (images, labels, _, n_bad) in enumerate(loader):
@@ -382,7 +381,7 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, mixup_fn, epoch
         accumulate_backward(model, loss, scaler, args, update)
         if update:
             clip_gradients(model, optimizer, scaler, args.clip_grad)
-            step_optimizer(optimizer, scaler, window_finite, fused_skip)
+            step_optimizer(optimizer, scaler, window_finite)
             optimizer.zero_grad(set_to_none=True)
             window_finite = torch.ones((), dtype=torch.bool, device=device)
         meter.step(it, loss.detach(), finite, images.shape[0])

@@ -368,8 +368,7 @@ def pretrain_step(model, inputs, targets, optimizer, scaler, args, update: bool 
     finite = torch.isfinite(loss.detach())
     accumulate_backward(model, loss, scaler, args, update)
     if update:
-        fused_skip = bool(optimizer.defaults.get("fused")) and scaler is None
-        step_optimizer(optimizer, scaler, finite, fused_skip)
+        step_optimizer(optimizer, scaler, finite)
         optimizer.zero_grad(set_to_none=True)
     return loss.detach(), finite
 

@@ -146,6 +146,42 @@ def test_lars_step_follows_the_trust_ratio_rule_by_hand():
     torch.testing.assert_close(z.detach(), torch.full((2, 2), -0.1))
 
 
+def test_lars_skips_a_non_finite_step_on_the_device():
+    """step_optimizer hands LARS the non-finite flag (no host check): a skipped step leaves weights and
+    momentum as they were, a finite one equals LARS's plain step."""
+    from util.training import skips_on_device, step_optimizer
+
+    torch.manual_seed(0)
+    probe, twin = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    twin.load_state_dict(probe.state_dict())
+    opt, plain = LARS(probe.parameters(), lr=0.5), LARS(twin.parameters(), lr=0.5)
+    assert skips_on_device(opt) and not skips_on_device(torch.optim.SGD(twin.parameters(), lr=0.1))
+    x = torch.randn(3, 4)
+    for model in (probe, twin):
+        model(x).square().sum().backward()
+    step_optimizer(opt, None, torch.tensor(True))
+    plain.step()
+    before = {k: v.clone() for k, v in probe.state_dict().items()}
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in probe.parameters()]
+    for p in probe.parameters():
+        p.grad = torch.full_like(p, float("nan"))  # a NaN gradient: skipped however the loss looked
+    step_optimizer(opt, None, torch.tensor(True))
+    for p in probe.parameters():
+        p.grad = torch.ones_like(p)
+    step_optimizer(opt, None, torch.tensor(False))  # a non-finite loss: skipped too
+    for key, value in probe.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    for p, buf in zip(probe.parameters(), buffers):
+        assert torch.equal(opt.state[p]["momentum_buffer"], buf)
+    for model in (probe, twin):
+        model.zero_grad()
+        model(x).square().sum().backward()
+    step_optimizer(opt, None, torch.tensor(True))
+    plain.step()
+    for (key, value), other in zip(probe.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(value, other, rtol=0, atol=1e-7, msg=key)
+
+
 def test_lars_state_round_trips_for_resume():
     torch.manual_seed(0)
     a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)

@@ -16,15 +16,15 @@ def test_nonfinite_step_is_skipped_on_the_device():
     param = torch.nn.Parameter(torch.ones(4))
     opt = torch.optim.AdamW([param], lr=0.1, fused=True)
     param.grad = torch.full((4,), float("nan"))
-    step_optimizer(opt, None, torch.tensor(False), fused_skip=True)
+    step_optimizer(opt, None, torch.tensor(False))
     assert torch.equal(param.detach(), torch.ones(4))  # no update, no NaN in the weights
     assert not torch.isnan(opt.state[param]["exp_avg"]).any()
     # a finite local loss with non-finite gradients (another DDP rank's NaN) is skipped too
     param.grad = torch.tensor([1.0, float("inf"), 1.0, 1.0])
-    step_optimizer(opt, None, torch.tensor(True), fused_skip=True)
+    step_optimizer(opt, None, torch.tensor(True))
     assert torch.equal(param.detach(), torch.ones(4))
     param.grad = torch.ones(4)
-    step_optimizer(opt, None, torch.tensor(True), fused_skip=True)
+    step_optimizer(opt, None, torch.tensor(True))
     assert (param.detach() < 1).all()
 
 

@@ -44,12 +44,18 @@ class LARS(torch.optim.Optimizer):
                             torch.ones_like(w_norm))
         return d * ratio
 
+    # Like torch's fused optimizers, a step reads ``self.found_inf`` (a 0-d tensor set by the training
+    # loop, non-zero when a gradient or the loss was non-finite) and then leaves weights and momentum
+    # as they were, decided on the device: the training loop needs no host sync per step.
+    skips_found_inf = True
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -59,6 +65,12 @@ class LARS(torch.optim.Optimizer):
                 buf = state.get("momentum_buffer")
                 if buf is None:
                     buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                buf.mul_(group["momentum"]).add_(d)
-                p.add_(buf, alpha=-group["lr"])
+                if found_inf is None:
+                    buf.mul_(group["momentum"]).add_(d)
+                    p.add_(buf, alpha=-group["lr"])
+                    continue
+                skip = found_inf.to(p.device) != 0
+                # torch.where, not a product: a skipped step's direction may hold inf or NaN
+                buf.copy_(torch.where(skip, buf, buf * group["momentum"] + d))
+                p.sub_(torch.where(skip, torch.zeros_like(buf), buf * group["lr"]))
         return loss

@@ -168,21 +168,26 @@ def accumulate_backward(model, loss, scaler, args, update: bool) -> None:
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
-def step_optimizer(optimizer, scaler, finite, fused_skip):
+def skips_on_device(optimizer) -> bool:
+    """Whether ``optimizer`` skips a step itself, on the device, when ``optimizer.found_inf`` is
+    non-zero: torch's fused optimizers (GradScaler's protocol) and LARS."""
+    return bool(optimizer.defaults.get("fused") or getattr(optimizer, "skips_found_inf", False))
+
+
+def step_optimizer(optimizer, scaler, finite):
     """Apply the update unless the loss (``finite`` False) or a gradient was non-finite, without a
-    host sync where possible."""
+    host sync where the optimizer can skip on the device."""
     if scaler is not None:
         scaler.step(optimizer)  # GradScaler skips non-finite gradients itself
         scaler.update()
         return
     # a 0-d flag: the fused kernel subtracts it from the 0-d step counters when it skips
     found_inf = torch.maximum(nonfinite_gradients(optimizer).reshape(()), (~finite).float().reshape(()))
-    if fused_skip:
-        # fused AdamW reads `found_inf` and skips the update on the device when it is non-zero
+    if skips_on_device(optimizer):
         optimizer.found_inf = found_inf
         optimizer.step()
         optimizer.found_inf = None
-    elif not bool(found_inf):  # other optimizers/devices: a host check
+    elif not bool(found_inf):  # other optimizers (torch's SGD without fused): a host check
         optimizer.step()
 
 
