@@ -21,6 +21,9 @@ CHUNK = 5  # 5 chunks, the last one with 3 samples
 UNREADABLE = 6
 
 
+ADVICE = "Install the decoder named above, or convert the file."  # an unreadable file's own advice
+
+
 class FakeLoader:
     """A picklable stand-in for the dataset: deterministic arrays of varying size, channels and dtype."""
 
@@ -47,7 +50,7 @@ class FakeLoader:
         if i == self.fail_at:
             raise RuntimeError(f"simulated crash at sample {i}")
         if i == UNREADABLE:
-            raise UnreadableImageError(f"/data/train/img{i}.png", "the file is empty (0 bytes)")
+            raise UnreadableImageError(f"/data/train/img{i}.png", "the file is empty (0 bytes)", ADVICE)
         return self.expected(i)
 
 
@@ -127,6 +130,7 @@ def test_unreadable_sample_raises_the_same_error_again(tmp_path):
         cache.read(UNREADABLE)
     assert info.value.path == f"/data/train/img{UNREADABLE}.png"
     assert info.value.reason == "the file is empty (0 bytes)"
+    assert info.value.advice == ADVICE  # what to do, as the decoder said it (not a generic "damaged")
     # its neighbours in the same chunk are intact
     assert np.array_equal(cache.read(UNREADABLE - 1)[0], FakeLoader.expected(UNREADABLE - 1)[0])
     assert np.array_equal(cache.read(UNREADABLE + 1)[0], FakeLoader.expected(UNREADABLE + 1)[0])

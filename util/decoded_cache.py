@@ -12,7 +12,7 @@ What it stores
     (or no target in vanilla mode), at full resolution, bit-identical, with their dtype (uint8 or
     uint16) and shape. Crops, flips and resizing are still drawn per epoch from these arrays, so the
     augmentation is the same as without a cache. A sample whose file could not be decoded is stored
-    as "unreadable" with the file's path and the reason; reading it raises the same
+    as "unreadable" with the file's path, the reason and the advice; reading it raises the same
     :class:`~util.image_io.UnreadableImageError` again, and the dataset substitutes the next sample
     exactly as it does without a cache.
 
@@ -183,7 +183,7 @@ def _build_chunk(folder: str, key: str, k: int, start: int, stop: int, names: Se
                 try:
                     result = load(i)
                 except UnreadableImageError as err:
-                    entries.append({"name": name, "unreadable": [err.path, err.reason]})
+                    entries.append({"name": name, "unreadable": [err.path, err.reason, err.advice]})
                     unreadable += 1
                     stage = "write"
                     continue
@@ -277,12 +277,12 @@ class _ChunkIndex:
         self.shapes = np.zeros((n, 2, width), dtype=np.int64)
         self.codes = np.full((n, 2), _ABSENT, dtype=np.int16)
         self.dtypes: list[np.dtype] = []
-        self.unreadable: dict[int, tuple[str, str]] = {}
+        self.unreadable: dict[int, tuple[str, ...]] = {}
         dtype_ids: dict[str, int] = {}
         for j, s in enumerate(samples):
             if "unreadable" in s:
-                path, reason = s["unreadable"]
-                self.unreadable[j] = (path, reason)
+                # (path, reason, advice); caches built before the advice was kept hold two
+                self.unreadable[j] = tuple(s["unreadable"])
                 self.codes[j] = _UNREADABLE
                 continue
             for slot, what in enumerate(("input", "target")):
@@ -374,8 +374,7 @@ class DecodedCache:
         k, j = divmod(index, self._chunk_size)
         chunk = self._chunk_index(k)
         if chunk.codes[j, 0] == _UNREADABLE:
-            path, reason = chunk.unreadable[j]
-            raise UnreadableImageError(path, reason)
+            raise UnreadableImageError(*chunk.unreadable[j])
         data = self._memmap(k, chunk)
         image = self._view(data, chunk, j, 0)
         target = None if chunk.codes[j, 1] == _ABSENT else self._view(data, chunk, j, 1)
