@@ -269,32 +269,30 @@ class Anatomy:
 # ----------------------------------------------------------------------------------------------
 # Label-conditional probabilities.  They overlap on purpose: many benign nodules are hypoechoic
 # and solid, many carcinomas are wider-than-tall, so a classifier must combine several cues.
-FEATURE_PRIORS = {
-    "benign": {
-        "composition": {"cystic": 0.15, "spongiform": 0.15, "mixed": 0.25, "solid": 0.45},
-        "echogenicity": {"hyperechoic": 0.2, "isoechoic": 0.45, "hypoechoic": 0.3,
-                         "very_hypoechoic": 0.05},
-        "taller_than_wide": 0.1,
-        "margin": {"smooth": 0.6, "ill_defined": 0.25, "lobulated_irregular": 0.15,
-                   "extrathyroidal_extension": 0.0},
-        "foci": {"none": 0.6, "comet_tail": 0.18, "macrocalcification": 0.12,
-                 "peripheral_rim": 0.04, "punctate": 0.06},
-        "halo": 0.45,
-        "attenuation": (0.35, 1.0),
-    },
-    "malignant": {
-        "composition": {"cystic": 0.02, "spongiform": 0.0, "mixed": 0.13, "solid": 0.85},
-        "echogenicity": {"hyperechoic": 0.03, "isoechoic": 0.12, "hypoechoic": 0.5,
-                         "very_hypoechoic": 0.35},
-        "taller_than_wide": 0.45,
-        "margin": {"smooth": 0.2, "ill_defined": 0.2, "lobulated_irregular": 0.5,
-                   "extrathyroidal_extension": 0.1},
-        "foci": {"none": 0.3, "comet_tail": 0.02, "macrocalcification": 0.15,
-                 "peripheral_rim": 0.1, "punctate": 0.43},
-        "halo": 0.1,
-        "attenuation": (0.8, 1.9),
-    },
+# Written side by side, (benign, malignant), so that how strongly each cue depends on the label
+# reads off one line; FEATURE_PRIORS below is the same per label.
+PRIORS_BENIGN_MALIGNANT = {
+    "composition": {"cystic": (0.15, 0.02), "spongiform": (0.15, 0.0), "mixed": (0.25, 0.13),
+                    "solid": (0.45, 0.85)},
+    "echogenicity": {"hyperechoic": (0.2, 0.03), "isoechoic": (0.45, 0.12), "hypoechoic": (0.3, 0.5),
+                     "very_hypoechoic": (0.05, 0.35)},
+    "taller_than_wide": (0.1, 0.45),
+    "margin": {"smooth": (0.6, 0.2), "ill_defined": (0.25, 0.2), "lobulated_irregular": (0.15, 0.5),
+               "extrathyroidal_extension": (0.0, 0.1)},
+    "foci": {"none": (0.6, 0.3), "comet_tail": (0.18, 0.02), "macrocalcification": (0.12, 0.15),
+             "peripheral_rim": (0.04, 0.1), "punctate": (0.06, 0.43)},
+    "halo": (0.45, 0.1),
+    "attenuation": ((0.35, 1.0), (0.8, 1.9)),  # uniform range of dB/cm/MHz
 }
+
+
+def _prior_of(label_index: int, value):
+    return {k: v[label_index] for k, v in value.items()} if isinstance(value, dict) else value[label_index]
+
+
+FEATURE_PRIORS = {label: {feature: _prior_of(i, value) for feature, value in PRIORS_BENIGN_MALIGNANT.items()}
+                  for i, label in enumerate(("benign", "malignant"))}
+
 # Solid-part echogenicity ranges (dB re. thyroid).  Strap muscle sits near -8 dB, which is the
 # boundary between "hypo" and "very hypo" in ACR terms.
 ECHO_DB = {"hyperechoic": (3.5, 8.0), "isoechoic": (-2.5, 2.0), "hypoechoic": (-11.0, -3.0),
