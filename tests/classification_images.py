@@ -4,9 +4,9 @@ import cv2
 import numpy as np
 
 
-def make_image(rng, malignant: bool, dtype=np.uint8):
+def make_image(rng, malignant: bool, dtype=np.uint8, shape=(40, 48)):
     """Smooth noise; the 'malignant' class has a bright block, so a tiny model learns it in a few epochs."""
-    img = cv2.GaussianBlur(rng.random((40, 48)).astype(np.float32), (0, 0), 2) * 0.45
+    img = cv2.GaussianBlur(rng.random(shape).astype(np.float32), (0, 0), 2) * 0.45
     if malignant:
         img[10:30, 12:36] += 0.4
     top = 65535 if dtype == np.uint16 else 255

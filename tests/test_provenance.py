@@ -15,6 +15,7 @@ import main_finetune
 import main_linprobe
 import main_pretrain
 import models_convmae  # noqa: F401  (registers the pretraining models)
+from classification_images import make_image
 from cli_args import finetune_args, pretrain_args
 from tools import visualize_reconstruction
 from util import visualize
@@ -23,13 +24,6 @@ from util.datasets import center_box, model_channels, resize_box
 from util.image_io import to_grey
 from util.provenance import PUBLISHED_BLUR, recorded_input_blur, resolve_input_blur
 from util.registry import pretrain_models
-
-
-def smooth_image(rng, bright: bool, shape=(40, 48)):
-    img = cv2.GaussianBlur(rng.random(shape).astype(np.float32), (0, 0), 2) * 0.45
-    if bright:
-        img[10:30, 12:36] += 0.4
-    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +35,7 @@ def cls_data(tmp_path_factory):
         for i in range(n):
             folder = root / split / ("malignant" if i % 2 else "benign")
             folder.mkdir(parents=True, exist_ok=True)
-            noisy = smooth_image(rng, i % 2 == 1).astype(np.int16) + rng.integers(-40, 40, (40, 48))
+            noisy = make_image(rng, i % 2 == 1).astype(np.int16) + rng.integers(-40, 40, (40, 48))
             cv2.imwrite(str(folder / f"{split}{i}.png"), np.clip(noisy, 0, 255).astype(np.uint8))
     return root
 
@@ -53,7 +47,7 @@ def pretrain_data(tmp_path_factory):
     for split, n in (("train", 8), ("val", 4)):
         (root / split).mkdir()
         for i in range(n):
-            cv2.imwrite(str(root / split / f"{i}.png"), smooth_image(rng, i % 2 == 0, (64, 64)))
+            cv2.imwrite(str(root / split / f"{i}.png"), make_image(rng, i % 2 == 0, shape=(64, 64)))
     return root
 
 
@@ -212,7 +206,7 @@ def test_unblurred_checkpoint_on_a_blurred_copy_is_refused_unless_asked(tmp_path
 # ------------------------------------------------------------------------------ reconstruction tool
 def test_reconstruction_tool_prepares_images_as_the_checkpoint_was_trained(tmp_path):
     rng = np.random.default_rng(2)
-    image = np.stack([smooth_image(rng, c == 0, (48, 48)) for c in range(3)], axis=2)  # channels differ
+    image = np.stack([make_image(rng, c == 0, shape=(48, 48)) for c in range(3)], axis=2)  # channels differ
     path = str(tmp_path / "colour.png")
     cv2.imwrite(path, image[:, :, ::-1])
     state = pretrain_models().create("dmae_vit_tiny_patch16", img_size=32).state_dict()

@@ -17,16 +17,11 @@ import pytest
 import torch
 
 import models_convmae  # noqa: F401  (registers the models; it imports models_mae and models_vit)
+from classification_images import make_image
+from same_values import assert_same_values
 from util.training import TIMING_FIELDS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def make_image(rng, bright: bool):
-    img = cv2.GaussianBlur(rng.random((40, 48)).astype(np.float32), (0, 0), 2) * 0.45
-    if bright:
-        img[10:30, 12:36] += 0.4
-    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -59,21 +54,6 @@ def run_twice(tmp_path, script, argv):
     return copies
 
 
-def same_value(a, b, where):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            same_value(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            same_value(x, y, f"{where}[{i}]")
-    else:
-        assert a == b or (a != a and b != b), where  # NaN equals NaN here
-
-
 def log_records(path):
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS} for line in open(path)]
 
@@ -89,7 +69,7 @@ def assert_same_outputs(first, second):
     for name in names:
         a, b = first / name, second / name
         if name.endswith(".pth"):
-            same_value(torch.load(a, weights_only=True), torch.load(b, weights_only=True), name)
+            assert_same_values(torch.load(a, weights_only=True), torch.load(b, weights_only=True), name)
         elif name == "log.txt":
             assert log_records(a) == log_records(b)
         else:

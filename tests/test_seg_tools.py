@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from same_values import assert_same_values
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEG_DIR = os.path.join(ROOT, 'SEG')
 CONFIGS = os.path.join(SEG_DIR, 'configs')
@@ -473,26 +475,6 @@ LOG_PREFIX = re.compile(r'^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d - ', flags=re.M)
 TIMED_VALUE = re.compile(r'\b(eta|data_time|time|memory): [\d.:]+')
 
 
-def _same(a, b, where):
-    """Equal, recursively: tensors bit for bit, NaN equal to NaN."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and list(a) == list(b), where
-        for key in a:
-            _same(a[key], b[key], f'{where}.{key}')
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f'{where}[{i}]')
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind == 'f'), where
-    elif isinstance(a, float) and np.isnan(a):
-        assert isinstance(b, float) and np.isnan(b), where
-    else:
-        assert type(a) is type(b) and a == b, f'{where}: {a!r} != {b!r}'
-
-
 def _untimed_checkpoint(path):
     if SEG_DIR not in sys.path:
         sys.path.append(SEG_DIR)
@@ -546,13 +528,13 @@ def _assert_same_run(first, second):
     assert list(files) == list(other)
     for name, path in files.items():
         if name.endswith('.pth'):
-            _same(_untimed_checkpoint(path), _untimed_checkpoint(other[name]), name)
+            assert_same_values(_untimed_checkpoint(path), _untimed_checkpoint(other[name]), name)
         elif name.endswith('.log'):
             assert _untimed_log(path) == _untimed_log(other[name]), name
         elif name.endswith('/scalars.json') or name.endswith('/<timestamp>.json'):
-            _same(_untimed_json_lines(path), _untimed_json_lines(other[name]), name)
+            assert_same_values(_untimed_json_lines(path), _untimed_json_lines(other[name]), name)
         elif name.endswith('events.out.tfevents'):
-            _same(_tensorboard_scalars(path), _tensorboard_scalars(other[name]), name)
+            assert_same_values(_tensorboard_scalars(path), _tensorboard_scalars(other[name]), name)
         else:  # metrics JSON, config dumps, last_checkpoint
             assert path.read_bytes() == other[name].read_bytes(), name
     return list(files)
