@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import cv2
 from tqdm import tqdm
 
+from util.arguments import available_cores
 from util.blur import BlurSpec, add_blur_arguments, blur_key, blur_spec_from_args
 from util.image_io import (DatasetError, UnreadableImageError, blurred_copy_names, describe_not_images, image_frames,
                            is_dicom_file, read_frames, scan_images, to_grey, write_image_atomic)
@@ -102,7 +103,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="keep colour images in colour (default: grey output, as published)")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="FOLDER",
                         help="folder names not to enter, at any depth (e.g. masks)")
-    parser.add_argument("--workers", type=int, default=_available_cores(),
+    parser.add_argument("--workers", type=int, default=available_cores(),
                         help="worker processes (default: all cores available to this process)")
     parser.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
     return parser
@@ -350,13 +351,6 @@ def _enclosing(real_path: str, folders: dict[str, str]) -> str | None:
         if parent == path:
             return None
         path = parent
-
-
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # honours CPU limits set by a scheduler (Slurm, taskset)
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 if __name__ == "__main__":

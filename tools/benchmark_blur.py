@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import blurred_images  # noqa: E402
+from util.arguments import available_cores  # noqa: E402
 from util.blur import BlurSpec  # noqa: E402
 from util.image_io import list_images, read_image, to_grey, write_image_atomic  # noqa: E402
 
@@ -64,7 +65,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=200, help="number of images (default: 200)")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (default: 512)")
     parser.add_argument("--methods", nargs="+", default=["gaussian", "median", "srad"])
-    parser.add_argument("--workers", type=int, default=blurred_images._available_cores(),
+    parser.add_argument("--workers", type=int, default=available_cores(),
                         help="workers of the parallel run (default: all cores)")
     args = parser.parse_args()
 

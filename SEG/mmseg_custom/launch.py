@@ -33,6 +33,7 @@ from mmengine.logging import print_log
 from mmengine.runner import Runner
 
 from util import distributed as du
+from util.arguments import available_cores
 from util.checkpoint import CheckpointError
 from util.training import run_cli
 
@@ -176,15 +177,6 @@ def adapt_to_machine(cfg: Config) -> List[str]:
         wrapper['dtype'] = 'float16'
         changes.append('GPU without bf16: mixed precision in fp16 with dynamic loss scaling')
     return changes
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask: a batch scheduler's or container's
-    allotment, not the whole machine)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity on macOS / Windows
-        return os.cpu_count() or 1
 
 
 def processes_per_node() -> int:
