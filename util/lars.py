@@ -56,6 +56,7 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         found_inf = getattr(self, "found_inf", None)
+        skip = None if found_inf is None else found_inf != 0
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -65,11 +66,10 @@ class LARS(torch.optim.Optimizer):
                 buf = state.get("momentum_buffer")
                 if buf is None:
                     buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if found_inf is None:
+                if skip is None:
                     buf.mul_(group["momentum"]).add_(d)
                     p.add_(buf, alpha=-group["lr"])
                     continue
-                skip = found_inf.to(p.device) != 0
                 # torch.where, not a product: a skipped step's direction may hold inf or NaN
                 buf.copy_(torch.where(skip, buf, buf * group["momentum"] + d))
                 p.sub_(torch.where(skip, torch.zeros_like(buf), buf * group["lr"]))
